@@ -1,0 +1,163 @@
+"""The models are CLIP: parameter counts, weight layout and outputs of OpenAI's reference code.
+
+Fixtures in tests/fixtures/models were written by scripts/make_model_fixtures.py running OpenAI's code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipforge.models import CLIPConfig, TextConfig, VisionConfig, available_models, create_model, get_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+
+RELEASED_PARAMETER_COUNTS = {
+    "RN50": 102_007_137,
+    "RN101": 119_688_033,
+    "RN50x4": 178_300_601,
+    "RN50x16": 290_979_217,
+    "RN50x64": 623_258_305,
+    "ViT-B-32": 151_277_313,
+    "ViT-B-16": 149_620_737,
+    "ViT-L-14": 427_616_513,
+    "ViT-L-14-336": 427_944_193,
+}
+
+# The small configs of the parity fixtures, in clipforge's terms (see make_model_fixtures.py).
+PARITY_CONFIGS = {
+    "vit": CLIPConfig(32, VisionConfig("vit", 32, 64, 2, heads=1, patch_size=8), TextConfig(77, 1000, 48, 2, 2)),
+    "resnet": CLIPConfig(32, VisionConfig("resnet", 64, 8, (1, 2, 1, 1), heads=4), TextConfig(77, 1000, 48, 2, 2)),
+}
+
+
+def meta_model(name: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        return create_model(name)
+
+
+@pytest.mark.parametrize("name", list(RELEASED_PARAMETER_COUNTS))
+def test_parameter_count_equals_released_model(name):
+    assert sum(p.numel() for p in meta_model(name).parameters()) == RELEASED_PARAMETER_COUNTS[name]
+
+
+def test_paper_layouts_equal_openai_state_dicts():
+    with gzip.open(FIXTURES / "layouts.json.gz", "rt") as f:
+        layouts = json.load(f)
+    assert set(layouts) == set(RELEASED_PARAMETER_COUNTS)
+    for name, expected in layouts.items():
+        ours = {k: list(v.shape) for k, v in meta_model(name).state_dict().items()}
+        assert ours == expected, name
+
+
+def test_registry_names_and_aliases():
+    names = available_models()
+    assert set(RELEASED_PARAMETER_COUNTS) <= set(names)
+    assert get_config("ViT-B/32") == get_config("ViT-B-32")
+    assert get_config("ViT-L/14@336px") == get_config("ViT-L-14-336")
+    with pytest.raises(KeyError, match="unknown model 'ViT-X'.*RN50"):
+        get_config("ViT-X")
+
+
+def test_config_round_trips_through_dict():
+    for name in available_models():
+        config = get_config(name)
+        assert CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_bad_configs_are_refused_with_reason():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        VisionConfig("vit", 65, 64, 2, heads=1, patch_size=8)
+    with pytest.raises(ValueError, match="4 stage depths"):
+        VisionConfig("resnet", 64, 8, (1, 1), heads=1)
+    with pytest.raises(ValueError, match="unknown vision kind"):
+        VisionConfig("mlp", 64, 8, 1, heads=1)
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_outputs_match_openai_reference_code(kind):
+    fixture = load_file(FIXTURES / f"parity_{kind}.safetensors")
+    weights = {k.removeprefix("weights."): v for k, v in fixture.items() if k.startswith("weights.")}
+    model = create_model(PARITY_CONFIGS[kind]).eval()
+    model.load_state_dict(weights, strict=True)
+    images, tokens = fixture["input.images"], fixture["input.tokens"]
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(images, tokens)
+        outputs = {
+            "image_features": model.encode_image(images),
+            "text_features": model.encode_text(tokens),
+            "logits_per_image": logits_per_image,
+            "logits_per_text": logits_per_text,
+        }
+    for name, ours in outputs.items():
+        torch.testing.assert_close(ours, fixture[f"output.{name}"], rtol=0, atol=1e-5, msg=name)
+
+
+def test_initialization_follows_the_paper():
+    torch.manual_seed(0)
+    model = create_model("ViT-Nano-16-64")
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert model.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.positional_embedding.std().item() == pytest.approx(0.01, rel=0.1)
+    width, layers = model.config.text.width, model.config.text.layers
+    block = model.transformer.resblocks[0]
+    assert block.attn.in_proj_weight.std().item() == pytest.approx(width**-0.5, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(width**-0.5 * (2 * layers) ** -0.5, rel=0.05)
+    assert torch.count_nonzero(block.attn.in_proj_bias) == 0
+    resnet = create_model("RN-Tiny-64")
+    assert all(torch.count_nonzero(stage[0].bn3.weight) == 0 for stage in (resnet.visual.layer1, resnet.visual.layer4))
+
+
+def test_text_pools_at_eot_and_ignores_what_follows():
+    torch.manual_seed(0)
+    model = create_model("ViT-Nano-16-64").eval()
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    tokens[:, :4] = torch.tensor([49406, 320, 1929, 49407])
+    tokens[1, 10:20] = 5  # junk after EOT must not matter: attention is causal
+    with torch.no_grad():
+        a, b = model.encode_text(tokens)
+        short = model.encode_text(tokens[:1, :4])  # a shorter context gives the same features
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(short[0], a, atol=1e-5, rtol=0)
+
+
+def test_too_long_text_is_refused():
+    model = create_model("ViT-Nano-16-64")
+    with pytest.raises(ValueError, match="78 tokens.*context length is 77"):
+        model.encode_text(torch.zeros(1, 78, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["ViT-Nano-16-64", "RN-Tiny-64"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 12))
+    tokens[:, -1] = 49407
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        logits, _ = model(images, tokens)
+        logits.logsumexp(dim=1).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    for g0, g1 in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(g0, g1)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = create_model("ViT-Nano-16-64").eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = model.encode_image(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model.encode_image(images)
+    assert torch.nn.functional.cosine_similarity(full, half.float()).min() > 0.99
