@@ -1,0 +1,349 @@
+"""Image preprocessing: OpenAI parity (fixture from the real clip._transform), an independent numpy
+reference, the train augmentation's determinism, JPEG draft loading, batching and pickling."""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from clipforge.transforms import (
+    DEFAULT_TRAIN_RATIO,
+    DEFAULT_TRAIN_SCALE,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    EvalTransform,
+    TrainTransform,
+    center_crop,
+    image_transform,
+    load_image,
+    normalize,
+    preprocess_batch,
+    resize_shorter_side,
+    sample_crop_box,
+    to_tensor,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "transforms" / "openai_transform.npz"
+SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "transforms.py"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity with OpenAI's real transform (fixture written by scripts/make_transform_fixtures.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_fixture() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _fixture_image(fx: dict[str, np.ndarray], i: int) -> Image.Image:
+    mode = str(fx[f"case{i}_mode"])
+    size = tuple(int(v) for v in fx[f"case{i}_size"])
+    image = Image.frombytes(mode, size, fx[f"case{i}_data"].tobytes())
+    if f"case{i}_palette" in fx:
+        image.putpalette(fx[f"case{i}_palette"].tobytes())
+    return image
+
+
+def test_openai_fixture_bit_exact(openai_fixture: dict[str, np.ndarray]) -> None:
+    fx = openai_fixture
+    sizes = [int(n) for n in fx["sizes"]]
+    modes = set()
+    for i in range(int(fx["num_cases"])):
+        image = _fixture_image(fx, i)
+        modes.add(image.mode)
+        for n in sizes:
+            expected = torch.from_numpy(fx[f"case{i}_out{n}"])
+            got = EvalTransform(n)(image)
+            assert got.dtype == torch.float32 and got.shape == (3, n, n)
+            assert torch.equal(got, expected), (
+                image.mode,
+                image.size,
+                n,
+                float((got - expected).abs().max()),
+            )
+    assert {"L", "P", "RGBA", "LA", "CMYK", "I;16", "1", "RGB"} <= modes
+
+
+def test_openai_fixture_is_order_sensitive(openai_fixture: dict[str, np.ndarray]) -> None:
+    """Converting to RGB before resizing (the tempting shortcut) breaks the fixture for some modes."""
+    fx = openai_fixture
+    mismatched = set()
+    for i in range(int(fx["num_cases"])):
+        image = _fixture_image(fx, i)
+        if image.mode == "RGB":
+            continue
+        for n in (int(v) for v in fx["sizes"]):
+            if not torch.equal(
+                EvalTransform(n)(image.convert("RGB")), torch.from_numpy(fx[f"case{i}_out{n}"])
+            ):
+                mismatched.add(image.mode)
+    assert {"P", "RGBA", "LA", "1", "CMYK", "I;16"} <= mismatched
+
+
+# ----------------------------------------------------------------------------------------------------
+# Independent straightforward reference: plain PIL + numpy, none of the module's helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _reference_eval(image: Image.Image, n: int) -> np.ndarray:
+    w, h = image.size
+    new = (n, n * h // w) if w <= h else (n * w // h, n)  # integer form of int(n * long / short)
+    image = image.resize(new, Image.Resampling.BICUBIC)  # PIL returns a copy when the size is unchanged
+
+    def offset(excess: int) -> int:  # round half to even, spelled out
+        q, r = divmod(excess, 2)
+        return q + (r if q % 2 else 0)
+
+    left, top = offset(new[0] - n), offset(new[1] - n)
+    rgb = image.crop((left, top, left + n, top + n)).convert("RGB")
+    x = np.asarray(rgb, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    x = (x - np.asarray(OPENAI_MEAN, dtype=np.float32)) / np.asarray(OPENAI_STD, dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def _random_image(rng: np.random.Generator, mode: str, size: tuple[int, int]) -> Image.Image:
+    w, h = size
+    if mode == "1":
+        return Image.fromarray(rng.integers(0, 2, (h, w)).astype(bool))
+    if mode == "I;16":
+        return Image.frombytes(mode, size, rng.integers(0, 65536, (h, w)).astype("<u2").tobytes())
+    if mode == "I":
+        return Image.frombytes(mode, size, rng.integers(-9, 300, (h, w)).astype("<i4").tobytes())
+    if mode == "F":
+        return Image.frombytes(mode, size, (rng.random((h, w)) * 300).astype("<f4").tobytes())
+    bands = {"P": 1, "LA": 2, "PA": 2}.get(mode, len(mode))
+    image = Image.frombytes(mode, size, rng.integers(0, 256, (h, w, bands), dtype=np.uint8).tobytes())
+    if mode in ("P", "PA"):
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    return image
+
+
+MODES = ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1", "RGB", "I", "F", "PA", "YCbCr", "RGBX"]
+SIZES = [(1, 500), (500, 1), (37, 23), (23, 37), (5, 9), (16, 16), (17, 16), (16, 19), (23, 16), (41, 40)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_matches_independent_reference(mode: str) -> None:
+    rng = np.random.default_rng(sum(map(ord, mode)))
+    for size in SIZES:
+        image = _random_image(rng, mode, size)
+        for n in (16, 21):
+            got = EvalTransform(n)(image)
+            assert got.shape == (3, n, n) and got.dtype == torch.float32
+            assert torch.equal(got, torch.from_numpy(_reference_eval(image, n))), (mode, size, n)
+
+
+def test_center_crop_offsets_round_half_to_even() -> None:
+    """Excess 1, 3, 5, 7 px: offsets 0, 2, 2, 4 (not floor, not ceil)."""
+    row = np.arange(16 + 7, dtype=np.uint8) * 10
+    for excess, offset in [(1, 0), (3, 2), (5, 2), (7, 4)]:
+        image = Image.fromarray(np.tile(row[: 16 + excess], (16, 1)))
+        got = EvalTransform(16)(image)
+        expected = (np.float32(row[offset]) / np.float32(255) - np.float32(OPENAI_MEAN[0])) / np.float32(
+            OPENAI_STD[0]
+        )
+        assert got[0, 0, 0].item() == expected
+
+
+def test_public_steps_compose_to_the_transform(openai_fixture: dict[str, np.ndarray]) -> None:
+    """The torch-op steps (to_tensor, normalize) give the transform's bits (it computes them in numpy)."""
+    fx = openai_fixture
+    for i in range(int(fx["num_cases"])):
+        image = _fixture_image(fx, i)
+        for n in (int(v) for v in fx["sizes"]):
+            rgb = center_crop(resize_shorter_side(image, n), n).convert("RGB")
+            steps = normalize(to_tensor(rgb), OPENAI_MEAN, OPENAI_STD)
+            assert torch.equal(steps, torch.from_numpy(fx[f"case{i}_out{n}"]))
+
+
+def test_eval_output_range_and_default_dtype() -> None:
+    rng = np.random.default_rng(0)
+    image = _random_image(rng, "RGB", (45, 30))
+    out = EvalTransform(24)(image)
+    lo = (0 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    hi = (1 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    assert bool(((out >= lo.view(3, 1, 1)) & (out <= hi.view(3, 1, 1))).all())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # OpenAI's ToTensor follows the default dtype; so do we
+    try:
+        out64 = EvalTransform(24)(image)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out64.dtype == torch.float64
+    assert torch.allclose(out64.float(), out, atol=1e-6)
+
+
+def test_constants_and_factory() -> None:
+    assert OPENAI_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert OPENAI_STD == (0.26862954, 0.26130258, 0.27577711)
+    assert isinstance(image_transform(224), EvalTransform)
+    assert isinstance(image_transform(224, train=True, seed=0), TrainTransform)
+    with pytest.raises(ValueError):
+        image_transform(224, seed=0)  # eval is not random
+    with pytest.raises(ValueError):
+        image_transform(0)
+    with pytest.raises(TypeError):
+        EvalTransform(8)(np.zeros((8, 8, 3), dtype=np.uint8))  # type: ignore[arg-type]
+
+
+def test_no_torchvision_import() -> None:
+    tree = ast.parse(SRC.read_text())
+    names = [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+    names += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [n for n in names if n.split(".")[0] in ("torchvision", "open_clip", "clip")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train transform
+# ----------------------------------------------------------------------------------------------------
+
+
+def _images(count: int, seed: int = 1) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 30), (30, 40), (1, 50), (64, 64), (13, 9), (90, 20)]
+    modes = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
+    return [_random_image(rng, modes[i % len(modes)], sizes[i % len(sizes)]) for i in range(count)]
+
+
+def test_train_deterministic_for_seed_and_varies_across_seeds() -> None:
+    images = _images(6)
+    t = TrainTransform(24, seed=7)
+    run1 = [t(im) for im in images]
+    t = TrainTransform(24, seed=7)
+    assert all(torch.equal(x, t(im)) for x, im in zip(run1, images, strict=True))
+    other = TrainTransform(24, seed=8)
+    assert not all(torch.equal(x, other(im)) for x, im in zip(run1, images, strict=True))
+    g = torch.Generator().manual_seed(7)
+    from_gen = TrainTransform(24, generator=g)
+    assert all(torch.equal(x, from_gen(im)) for x, im in zip(run1, images, strict=True))
+    for x in run1:
+        assert x.shape == (3, 24, 24) and x.dtype == torch.float32 and torch.isfinite(x).all()
+        assert x.min() >= -1.8 and x.max() <= 2.2  # (0 - mean) / std .. (1 - mean) / std
+
+
+def test_train_resume_pickle_and_keys() -> None:
+    images = _images(8)
+    t = TrainTransform(20, seed=3)
+    head = [t(im) for im in images[:3]]
+    state = t.state_dict()
+    blob = pickle.dumps(t)
+    tail = [t(im) for im in images[3:]]
+    resumed = TrainTransform(20, seed=999)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, resumed(im)) for x, im in zip(tail, images[3:], strict=True))
+    unpickled = pickle.loads(blob)
+    assert all(torch.equal(x, unpickled(im)) for x, im in zip(tail, images[3:], strict=True))
+    t.reseed(3)
+    assert torch.equal(head[0], t(images[0]))
+    # key=: the crop depends on (seed, key) only, not on call order or the stream position
+    keyed = [t(im, key=k) for k, im in enumerate(images)]
+    fresh = TrainTransform(20, seed=3)
+    for k in reversed(range(len(images))):
+        assert torch.equal(keyed[k], fresh(images[k], key=k))
+    assert not torch.equal(fresh(images[3], key=1), fresh(images[3], key=2))
+
+
+def test_crop_boxes_follow_scale_and_ratio() -> None:
+    g = torch.Generator().manual_seed(0)
+    for w, h in [(640, 480), (480, 640), (100, 100), (1, 500), (500, 1), (3, 2), (1000, 10)]:
+        for _ in range(200):
+            left, top, cw, ch = sample_crop_box(w, h, DEFAULT_TRAIN_SCALE, DEFAULT_TRAIN_RATIO, g)
+            assert left >= 0 and top >= 0 and cw > 0 and ch > 0 and left + cw <= w and top + ch <= h
+    fracs, ratios = [], []
+    for _ in range(500):
+        _, _, cw, ch = sample_crop_box(400, 300, DEFAULT_TRAIN_SCALE, DEFAULT_TRAIN_RATIO, g)
+        fracs.append(cw * ch / (400 * 300))
+        ratios.append(cw / ch)
+    assert min(fracs) >= 0.88 and max(fracs) <= 1.0
+    assert min(ratios) >= 0.74 and max(ratios) <= 4 / 3 + 0.01
+    assert max(fracs) - min(fracs) > 0.05  # it is actually random
+
+
+def test_min_source_side_never_upsamples() -> None:
+    t = TrainTransform(32, seed=0)
+    side = t.min_source_side
+    g = torch.Generator().manual_seed(1)
+    for w, h in [(side, side), (side, 3 * side), (5 * side, side), (side + 1, side)]:
+        for _ in range(300):
+            _, _, cw, ch = sample_crop_box(w, h, t.scale, t.ratio, g)
+            assert cw >= 32 and ch >= 32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading (JPEG draft) and batching
+# ----------------------------------------------------------------------------------------------------
+
+
+def _jpeg(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx % 251, yy % 241, (xx + yy) % 239, (xx * yy) % 233], axis=-1).astype(np.uint8)
+    image = Image.fromarray(base[:, :, :3]).convert(mode) if mode != "CMYK" else Image.fromarray(base, "CMYK")
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_load_image_drafts_large_jpeg_only_on_train_path(tmp_path: Path) -> None:
+    data = _jpeg((1200, 900))
+    path = tmp_path / "big.jpg"
+    path.write_bytes(data)
+    full = load_image(path)  # no target: full decode
+    assert full.size == (1200, 900) and full.mode == "RGB"
+    drafted = load_image(data, 224)  # needs a shorter side >= ceil(224 * 1.2172) = 273 -> 1/2 scale
+    assert drafted.size == (600, 450) and drafted.mode == "RGB"
+    assert min(drafted.size) >= math.ceil(224 * 1.2172)
+    assert load_image(io.BytesIO(data), 100).size == (300, 225)  # 1/4: 225 >= 122
+    assert load_image(data, 224, draft=False).size == (1200, 900)
+    assert load_image(data, 500).size == (1200, 900)  # not 2x larger than needed: no draft
+    assert EvalTransform(224).load(path).size == (1200, 900)  # the eval path never drafts
+    train = TrainTransform(224, seed=0)
+    assert min(train.load(data).size) >= train.min_source_side
+    cmyk = load_image(_jpeg((800, 800), "CMYK"), 64)
+    assert cmyk.mode == "CMYK" and cmyk.size == (100, 100)  # 1/8: 100 >= 78
+    png = io.BytesIO()
+    Image.new("RGB", (1200, 900)).save(png, format="PNG")
+    assert load_image(png.getvalue(), 64).size == (1200, 900)  # only JPEG can draft
+    # why eval must not draft: decoding at reduced scale is not the same pixels
+    assert not torch.equal(EvalTransform(64)(full), EvalTransform(64)(load_image(data, 64)))
+
+
+def test_load_image_errors(tmp_path: Path) -> None:
+    with pytest.raises(UnidentifiedImageError, match="bytes"):
+        load_image(b"not an image")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UnidentifiedImageError, match=r"bad\.jpg"):
+        load_image(bad)
+    with pytest.raises(TypeError):
+        load_image(12345)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "missing.png")
+
+
+def test_preprocess_batch_and_pickling() -> None:
+    images = _images(5)
+    transform = EvalTransform(24)
+    batch = preprocess_batch(images, transform)
+    assert batch.shape == (5, 3, 24, 24) and batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([transform(im) for im in images]))
+    buf = io.BytesIO()
+    images[0].convert("RGB").save(buf, format="PNG")
+    mixed = preprocess_batch([buf.getvalue(), images[1]], pickle.loads(pickle.dumps(transform)))
+    assert torch.equal(mixed[0], transform(images[0].convert("RGB")))
+    assert torch.equal(mixed[1], batch[1])
+    train = TrainTransform(24, seed=5)
+    assert preprocess_batch(images, train).shape == (5, 3, 24, 24)
+    with pytest.raises(ValueError):
+        preprocess_batch([], transform)
