@@ -1,0 +1,81 @@
+"""The data section of a training config: which source, where it is, and how batches are made.
+
+Every field is a plain value (str, int, float, bool, tuple of numbers) so a generic CLI mapper can
+override it, e.g. ``--data.source csv --data.path train.tsv``. `DataConfig.validate` checks the values
+alone; whether the files are really there is checked when the source is built (`build_train_loader`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOURCES = ("synthetic", "webdataset", "csv", "folder")
+
+# Spellings of the tab separator that survive a shell and a CLI mapper.
+_TAB_ALIASES = ("\t", "\\t", "tab", "TAB")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # one of SOURCES
+    path: str = ""  # webdataset: shard spec with braces ("d/train-{000..008}.tar"); csv: a .csv/.tsv; folder
+    batch_size: int = 128  # samples per batch (a batch loses the samples that were skipped)
+    workers: int = 0  # DataLoader worker processes; 0 = make batches in the training process
+    prefetch: int = 2  # batches each worker prepares ahead (ignored with workers=0)
+    pin_memory: bool = False  # page-lock batches so host-to-GPU copies can be asynchronous
+    context_length: int = 77  # tokens per caption, SOT and EOT included (longer captions are truncated)
+    augment: bool = True  # random resized crop for real images; False = OpenAI's eval resize + center crop
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: range of the kept area fraction
+    shuffle_buffer: int = 2000  # webdataset: samples shuffled across in a buffer; 0 = shard order only
+    image_extensions: str = "jpg,jpeg,png,webp"  # webdataset keys / folder file suffixes that hold images
+    caption_extension: str = "txt"  # webdataset key / folder file suffix that holds the caption
+    csv_image_column: str = "filepath"  # csv: column with image paths (relative ones: to the CSV's folder)
+    csv_caption_column: str = "caption"  # csv: column with the captions
+    csv_separator: str = ""  # csv: one character; "" = tab for .tsv, comma otherwise ("tab" or "\t" work)
+    synthetic_samples: int = 100_000  # synthetic: pictures per epoch (rendered on the fly, never stored)
+    synthetic_seed: int = 0  # synthetic: picks the pictures themselves; the training seed only orders them
+    synthetic_holdout: bool = True  # synthetic: keep the held-out colour-shape pairs out of training
+
+    def validate(self) -> DataConfig:
+        """Raise ValueError naming the first field whose value cannot work; return self."""
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        _check_min("batch_size", self.batch_size, 1)
+        _check_min("workers", self.workers, 0)
+        _check_min("prefetch", self.prefetch, 1)
+        _check_min("context_length", self.context_length, 2)
+        _check_min("shuffle_buffer", self.shuffle_buffer, 0)
+        lo, hi = (float(v) for v in self.crop_scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        if not self.image_suffixes():
+            raise ValueError("data.image_extensions names no extension")
+        if not self.caption_extension.strip(". "):
+            raise ValueError("data.caption_extension is empty")
+        if self.source == "csv":
+            self.separator()  # raises on a bad value
+        if self.source == "synthetic":
+            _check_min("synthetic_samples", self.synthetic_samples, self.batch_size)
+        return self
+
+    def image_suffixes(self) -> tuple[str, ...]:
+        """``image_extensions`` as lower-case suffixes without dots: ("jpg", "jpeg", ...)."""
+        parts = (part.strip().lstrip(".").lower() for part in self.image_extensions.split(","))
+        return tuple(part for part in parts if part)
+
+    def separator(self) -> str:
+        """The CSV separator: ``csv_separator``, or by the file's extension when it is empty."""
+        if self.csv_separator in _TAB_ALIASES:
+            return "\t"
+        if self.csv_separator:
+            if len(self.csv_separator) != 1:
+                raise ValueError(f"data.csv_separator must be one character, got {self.csv_separator!r}")
+            return self.csv_separator
+        return "\t" if self.path.lower().endswith(".tsv") else ","
+
+
+def _check_min(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{name} must be an int >= {minimum}, got {value!r}")

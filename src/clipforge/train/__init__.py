@@ -1,0 +1,1 @@
+"""Training: the paper's contrastive recipe (see docs/training.md)."""

@@ -1,0 +1,65 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from clipforge.configs import ConfigError, apply_overrides, dump_toml, from_dict, load_toml
+from clipforge.train.config import TrainConfig
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float | None = None
+    name: str = "x"
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    steps: int = 10
+    flag: bool = False
+
+
+def test_overrides_convert_to_the_field_types():
+    cfg = apply_overrides(Outer(), ["--inner.lr", "5e-4", "--steps=20", "--flag", "--inner.betas", "0.8,0.9"])
+    assert cfg == Outer(Inner(5e-4, (0.8, 0.9)), 20, True)
+    assert apply_overrides(cfg, ["--inner.eps", "1e-8"]).inner.eps == 1e-8
+    assert apply_overrides(cfg, ["--inner.eps", "none"]).inner.eps is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--inner.lrr", "1"], "unknown option --inner.lrr"),
+        (["--steps", "ten"], "steps: expected int"),
+        (["--steps", "1.5"], "steps: expected int"),
+        (["--flag", "maybe"], "flag: expected true/false"),
+        (["--inner.betas", "0.9"], r"inner.betas: expected 2 values"),
+        (["steps"], "expected an option"),
+    ],
+)
+def test_bad_overrides_name_the_field(args, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Outer(), args)
+
+
+def test_unknown_keys_in_a_file_are_errors(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("[optim]\nlr = 1e-3\nlearning_rate = 2\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_toml(TrainConfig, path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_toml(TrainConfig, tmp_path / "missing.toml")
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = apply_overrides(TrainConfig(), ["--optim.lr", "3e-4", "--data.crop_scale", "0.8,1.0", "--run.seed", "3"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(dump_toml(cfg))
+    assert load_toml(TrainConfig, path) == cfg
+
+
+def test_from_dict_builds_nested_sections():
+    cfg = from_dict(Outer, {"inner": {"lr": 2, "name": "y"}, "steps": 3})
+    assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float) and cfg.inner.name == "y"
