@@ -105,6 +105,10 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
     "ViT-Nano-16-64": CLIPConfig(
         128, VisionConfig("vit", 64, 128, 2, heads=2, patch_size=16), TextConfig(width=128, heads=2, layers=2)
     ),
+    # Smoke-test size: builds and steps in milliseconds (tests, CI).
+    "ViT-Micro-16-32": CLIPConfig(
+        64, VisionConfig("vit", 32, 64, 1, heads=1, patch_size=16), TextConfig(width=64, heads=1, layers=1)
+    ),
     "RN-Tiny-64": CLIPConfig(
         256, VisionConfig("resnet", 64, 16, (1, 1, 1, 1), heads=8), TextConfig(width=256, heads=4, layers=6)
     ),

@@ -1,0 +1,141 @@
+"""Pretrained names: the registry, and download -> cache -> load against a loopback HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import re
+import threading
+
+import pytest
+import torch
+
+import clipforge.tokenizer
+from clipforge.checkpoints import (
+    PRETRAINED,
+    CheckpointError,
+    available_pretrained,
+    load,
+    load_model,
+    registry,
+)
+from clipforge.download import ChecksumError
+from clipforge.models import create_model
+from clipforge.models.config import MODEL_CONFIGS
+
+PAPER_MODELS = [
+    "RN50",
+    "RN101",
+    "RN50x4",
+    "RN50x16",
+    "RN50x64",
+    "ViT-B-32",
+    "ViT-B-16",
+    "ViT-L-14",
+    "ViT-L-14-336",
+]
+
+
+OPENAI = r"https://openaipublic\.azureedge\.net/clip/models"
+
+
+def test_the_nine_released_models():
+    assert available_pretrained() == PAPER_MODELS
+    for name, weights in PRETRAINED.items():
+        assert name in MODEL_CONFIGS
+        match = re.fullmatch(
+            r"https://openaipublic\.azureedge\.net/clip/models/([0-9a-f]{64})/([\w.-]+\.pt)", weights.url
+        )
+        assert match, weights.url
+        assert match.group(1) == weights.sha256  # OpenAI's convention: the digest is in the URL
+    assert PRETRAINED["ViT-L-14-336"].filename == "ViT-L-14-336px.pt"
+
+
+def test_openai_spellings_are_accepted():
+    for alias, name in [("ViT-B/32", "ViT-B-32"), ("ViT-L/14@336px", "ViT-L-14-336")]:
+        assert registry.get_pretrained(alias) == PRETRAINED[name]
+
+
+def test_unknown_names_list_what_is_available():
+    with pytest.raises(CheckpointError, match="ViT-B-32") as err:
+        load_model("ViT-Z-99")
+    assert "RN50x64" in str(err.value)
+    with pytest.raises(CheckpointError, match="without released weights"):
+        load_model("ViT-Nano-16-64")
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        load_model("ViT-Z-99", pretrained="weights.pt")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(base URL, served directory) of an HTTP server on 127.0.0.1."""
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root)
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root, httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(path))
+    return path
+
+
+def _publish(server, name: str = "ViT-Nano-16-64") -> tuple[torch.nn.Module, str, str]:
+    """A tiny model in OpenAI's layout (fp16 + extras) on the server: (model, url, sha256)."""
+    base, root, _ = server
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    extras = {"input_resolution": torch.tensor(64), "context_length": torch.tensor(77)}
+    torch.save({**{k: v.half() for k, v in model.state_dict().items()}, **extras}, root / "tiny.pt")
+    return model, f"{base}/tiny.pt", hashlib.sha256((root / "tiny.pt").read_bytes()).hexdigest()
+
+
+def test_download_then_load_then_reuse_the_cache(server, cache, monkeypatch):
+    model, url, sha = _publish(server)
+    monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(url, sha))
+    monkeypatch.setattr(clipforge.tokenizer, "get_tokenizer", lambda path=None: ("tokenizer", path))
+
+    loaded, preprocess, tokenizer = load("ViT-Nano-16-64")
+    assert (cache / "weights" / "tiny.pt").is_file()
+    assert tokenizer == ("tokenizer", None) and callable(preprocess)
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, model.state_dict()[key].half().float()), key
+
+    server[2].shutdown()  # no network now: the verified cached file is used
+    assert torch.equal(load_model("ViT-Nano-16-64").logit_scale, loaded.logit_scale)
+
+
+def test_bad_checksum_keeps_nothing(server, cache, monkeypatch):
+    _, url, _ = _publish(server)
+    monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(url, "0" * 64))
+    with pytest.raises(ChecksumError, match="0" * 64):
+        load_model("ViT-Nano-16-64")
+    assert not any(p.is_file() for p in cache.rglob("*"))  # no partial or unverified file
+
+
+def test_missing_file_on_the_server_is_an_error(server, cache, monkeypatch):
+    base, _, _ = server
+    monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(f"{base}/nope.pt", "0" * 64))
+    with pytest.raises(OSError, match="404"):
+        load_model("ViT-Nano-16-64")
+
+
+def test_cache_dir_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("CLIPFORGE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert registry.cache_dir() == tmp_path / ".cache" / "clipforge"
