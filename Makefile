@@ -27,4 +27,4 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 demo: setup
-	$(BIN)/python -m clipforge.demo
+	$(BIN)/clipforge train configs/quickstart.toml

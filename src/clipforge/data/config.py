@@ -49,7 +49,9 @@ class DataConfig:
         _check_min("shuffle_buffer", self.shuffle_buffer, 0)
         lo, hi = (float(v) for v in self.crop_scale)
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"data.crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
+            raise ValueError(
+                f"data.crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}"
+            )
         if not self.image_suffixes():
             raise ValueError("data.image_extensions names no extension")
         if not self.caption_extension.strip(". "):

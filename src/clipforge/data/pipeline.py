@@ -1,0 +1,322 @@
+"""From a source to training batches: decode -> transform -> tokenize -> collate, deterministically.
+
+The stream of batches is a pure function of (data, config, seed), so a run resumed at batch ``k`` sees
+exactly the batches the first run would have seen from ``k`` on:
+
+* map-style sources (synthetic, csv, folder) -- batch ``g`` is computed directly: epoch ``g // P``
+  (``P = len(source) // batch_size``; the last partial batch of an epoch is dropped), samples
+  ``perm[s*B:(s+1)*B]`` of that epoch's permutation (seeded by (seed, epoch)). Any worker can make any
+  batch, so the stream does not even depend on the number of workers.
+* streamed sources (webdataset) -- worker ``r`` of ``W`` makes batches ``r, r+W, r+2W, ...`` from its
+  own shard stream (see `clipforge.data.webdataset`), cut into batches of B samples per epoch (the
+  partial one dropped). Resuming skips the batches' raw samples without decoding them. The stream
+  depends on W (``workers=0`` and ``1`` are the same), so resume with the same workers and shards.
+
+The DataLoader asks its workers for batches in turn (0, 1, ..., W-1, 0, ...); starting at batch ``k``,
+worker ``w`` is given the batches ``k + w + nW``, so the loader's round robin yields ``k, k+1, ...``.
+
+A bad sample is dropped from its batch (which is then smaller than B) and counted in ``Batch.skipped``
+by reason: counts travel with the batches, so they reach the training process from any worker.
+Random augmentation is keyed by (seed, epoch, sample), never by which worker or when.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipforge.data.config import DataConfig
+from clipforge.data.folder import FolderSource
+from clipforge.data.samples import (
+    CORRUPT_IMAGE,
+    MISSING_IMAGE,
+    SKIP_REASONS,
+    RawSample,
+    Skip,
+    derive_seed,
+    read_caption,
+)
+from clipforge.data.synthetic import SyntheticSource
+from clipforge.data.table import TableSource
+from clipforge.data.webdataset import ShardSource
+from clipforge.transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger(__name__)
+
+Tokenizer = Callable[..., torch.Tensor]  # tok(list_of_str, context_length=77, truncate=True) -> [N, ctx]
+Transform = EvalTransform | TrainTransform
+
+
+class MapSource(Protocol):
+    """A source with random access: synthetic, csv, folder."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> RawSample: ...
+
+
+Source = MapSource | ShardSource
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [n, 3, H, W] float, normalised; n <= batch_size (skipped samples are dropped)
+    tokens: torch.Tensor  # [n, context_length] int64, row i is the caption of image i
+    skipped: dict[str, int]  # samples dropped from this batch, per reason in SKIP_REASONS (zeros included)
+    index: int  # position in the stream: batches(k) yields indices k, k+1, ...
+    epoch: int  # the epoch the samples come from (streamed sources: the making worker's epoch)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader with ``pin_memory=True``."""
+        return replace(self, images=self.images.pin_memory(), tokens=self.tokens.pin_memory())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        images = self.images.to(device, non_blocking=non_blocking)
+        return replace(self, images=images, tokens=self.tokens.to(device, non_blocking=non_blocking))
+
+
+# ----------------------------------------------------------------------------------------------------
+# One batch: decode each sample, count the bad ones, tokenize the captions together, stack
+# ----------------------------------------------------------------------------------------------------
+
+
+class BatchMaker:
+    """Turns a list of raw samples into a `Batch`; runs in the worker processes (picklable)."""
+
+    def __init__(
+        self, transform: Transform, tokenizer: Tokenizer, image_size: int, context_length: int
+    ) -> None:
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.context_length = context_length
+        self._warned: set[str] = set()
+
+    def __call__(
+        self, samples: Sequence[tuple[RawSample, int]], index: int, epoch: int, extra: Counter[str]
+    ) -> Batch:
+        """``samples``: (raw sample, augmentation key) pairs; ``extra``: skips counted elsewhere."""
+        skipped = {reason: extra.get(reason, 0) for reason in SKIP_REASONS}
+        images, captions = [], []
+        for raw, key in samples:
+            try:
+                image, caption = self.decode(raw, key)
+            except Skip as skip:
+                skipped[skip.reason] += 1
+                self._warn_once(skip, raw)
+                continue
+            images.append(image)
+            captions.append(caption)
+        return Batch(self._stack(images), self._tokenize(captions), skipped, index, epoch)
+
+    def decode(self, raw: RawSample, key: int) -> tuple[torch.Tensor, str]:
+        """One sample -> (image tensor, caption); raises `Skip` when it cannot be used."""
+        caption = read_caption(raw.caption)
+        if raw.image is None:
+            raise Skip(MISSING_IMAGE)
+        try:
+            image = raw.image if isinstance(raw.image, Image.Image) else self.transform.load(raw.image)
+            if isinstance(self.transform, TrainTransform):
+                return self.transform(image, key=key), caption
+            return self.transform(image), caption
+        except FileNotFoundError as exc:
+            raise Skip(MISSING_IMAGE, str(exc)) from exc
+        except Exception as exc:  # PIL raises many types for broken files; none may stop training
+            raise Skip(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from exc
+
+    def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        return torch.stack(images)
+
+    def _tokenize(self, captions: list[str]) -> torch.Tensor:
+        if not captions:
+            return torch.zeros(0, self.context_length, dtype=torch.long)
+        tokens = self.tokenizer(captions, context_length=self.context_length, truncate=True)
+        return torch.as_tensor(tokens, dtype=torch.long)
+
+    def _warn_once(self, skip: Skip, raw: RawSample) -> None:
+        if skip.reason not in self._warned:  # per process: enough to see what is wrong, not a flood
+            self._warned.add(skip.reason)
+            log.warning("skipping sample %s (%s); further skips are only counted", raw.key, skip)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stream: which samples make batch g
+# ----------------------------------------------------------------------------------------------------
+
+
+class EpochOrder:
+    """Map-style sources: batch ``g`` -> (epoch, sample indices) by arithmetic on per-epoch permutations."""
+
+    def __init__(self, samples: int, batch_size: int, seed: int) -> None:
+        self.samples = samples
+        self.batch_size = batch_size
+        self.batches_per_epoch = samples // batch_size
+        self.seed = seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def batch(self, g: int) -> tuple[int, list[int]]:
+        epoch, slot = divmod(g, self.batches_per_epoch)
+        if epoch != self._epoch:  # one permutation per epoch, cached: batches arrive in order
+            rng = np.random.default_rng(derive_seed(self.seed, "order", epoch))
+            self._epoch, self._perm = epoch, rng.permutation(self.samples)
+        start = slot * self.batch_size
+        return epoch, self._perm[start : start + self.batch_size].tolist()
+
+
+class BatchStream(IterableDataset):
+    """The endless batch stream from ``start_batch`` on, as one DataLoader worker's share of it."""
+
+    def __init__(
+        self, source: Source, make: BatchMaker, batch_size: int, seed: int, start_batch: int
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.make = make
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        first = self.start_batch + worker  # this worker's first batch; then every workers-th
+        if isinstance(self.source, ShardSource):
+            return self._streamed(first % workers, first // workers, workers)
+        return self._mapped(first, workers)
+
+    def _mapped(self, first: int, step: int) -> Iterator[Batch]:
+        order = EpochOrder(len(self.source), self.batch_size, self.seed)
+        for g in itertools.count(first, step):
+            epoch, indices = order.batch(g)
+            samples = []
+            for index in indices:
+                raw = self.source[index]
+                samples.append((raw, derive_seed(epoch, raw.key)))
+            yield self.make(samples, g, epoch, Counter())
+
+    def _streamed(self, role: int, local: int, workers: int) -> Iterator[Batch]:
+        errors: Counter[str] = Counter()  # tar-level failures since the last batch
+        chunks = self._chunks(role, workers, errors)
+        for _ in range(local):  # resume: the skipped batches are read, never decoded
+            next(chunks)
+        errors.clear()  # failures met while skipping were reported by the first run
+        for j, (epoch, raws) in enumerate(chunks, start=local):
+            samples = [(raw, derive_seed(epoch, raw.key)) for raw in raws]
+            batch = self.make(samples, j * workers + role, epoch, errors)
+            errors.clear()
+            yield batch
+
+    def _chunks(self, role: int, workers: int, errors: Counter[str]) -> Iterator[tuple[int, list[RawSample]]]:
+        """Worker ``role``'s raw samples in batch-size groups, epoch after epoch (partial groups dropped)."""
+        assert isinstance(self.source, ShardSource)
+        for epoch in itertools.count():
+            chunk: list[RawSample] = []
+            seen = 0
+            for raw in self.source.epoch_samples(epoch, role, workers, errors):
+                seen += 1
+                chunk.append(raw)
+                if len(chunk) == self.batch_size:
+                    yield epoch, chunk
+                    chunk = []
+            if seen < self.batch_size:  # else this loop would spin forever without yielding
+                raise RuntimeError(
+                    f"worker {role} of {workers} found {seen} samples in its shards of epoch {epoch}, "
+                    f"fewer than data.batch_size={self.batch_size}: use fewer workers or a smaller batch"
+                )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    """The training data of one run: `batches` gives its deterministic, endless batch stream."""
+
+    cfg: DataConfig
+    source: Source
+    make: BatchMaker
+    seed: int
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """Samples in one pass over the data (webdataset: counted from local tars; None if remote)."""
+        if isinstance(self.source, ShardSource):
+            return self.source.samples_per_epoch
+        return len(self.source)
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Map-style sources: batches in an epoch; streamed ones: None (it varies by worker and epoch)."""
+        if isinstance(self.source, ShardSource):
+            return None
+        return len(self.source) // self.cfg.batch_size
+
+    def batches(self, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches ``start_batch``, ``start_batch + 1``, ... forever; the same ones on every call."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        stream = BatchStream(self.source, self.make, self.cfg.batch_size, self.seed, start_batch)
+        workers = self.cfg.workers
+        loader = DataLoader(
+            stream,
+            batch_size=None,  # the stream yields whole batches
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch if workers else None,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+        )
+        for expected, batch in enumerate(loader, start=start_batch):
+            if batch.index != expected:  # would mean the loader stopped taking workers in turn
+                raise RuntimeError(f"data stream out of order: got batch {batch.index}, expected {expected}")
+            yield batch
+
+
+def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, image_size: int, seed: int) -> TrainData:
+    """Check ``cfg`` and its files now (errors name what is missing), and return the run's `TrainData`.
+
+    ``seed`` orders the samples and drives augmentation; the data itself (incl. which synthetic picture
+    is which) does not depend on it.
+    """
+    cfg.validate()
+    source = build_source(cfg, image_size, seed)
+    if not isinstance(source, ShardSource) and len(source) < cfg.batch_size:
+        raise ValueError(f"{source!r} has {len(source)} samples, fewer than data.batch_size={cfg.batch_size}")
+    make = BatchMaker(_transform(cfg, image_size, seed), tokenizer, image_size, cfg.context_length)
+    return TrainData(cfg, source, make, seed)
+
+
+def build_source(cfg: DataConfig, image_size: int, seed: int) -> Source:
+    """The source ``cfg.source`` names, its files checked."""
+    if cfg.source == "synthetic":
+        return SyntheticSource(image_size, cfg.synthetic_samples, cfg.synthetic_seed, cfg.synthetic_holdout)
+    if cfg.source == "csv":
+        return TableSource(cfg.path, cfg.csv_image_column, cfg.csv_caption_column, cfg.separator())
+    if cfg.source == "folder":
+        return FolderSource(cfg.path, cfg.image_suffixes(), cfg.caption_extension)
+    if cfg.source == "webdataset":
+        return ShardSource(
+            cfg.path, cfg.image_suffixes(), cfg.caption_extension, cfg.shuffle_buffer, seed, cfg.workers
+        )
+    raise ValueError(f"unknown data.source {cfg.source!r}")
+
+
+def _transform(cfg: DataConfig, image_size: int, seed: int) -> Transform:
+    # Synthetic pictures are drawn at the final size with their own randomness: a crop would only blur
+    # them and could cut off a shape whose position the caption names. The eval transform leaves them be.
+    if cfg.source == "synthetic" or not cfg.augment:
+        return EvalTransform(image_size)
+    return TrainTransform(image_size, scale=cfg.crop_scale, seed=derive_seed(seed, "augment"))

@@ -1,0 +1,56 @@
+"""What every source hands the pipeline: one undecoded sample, the ways it can be bad, and seeds.
+
+Sources only find data; they never decode it. A `RawSample` holds an image still encoded (a path or the
+bytes from a tar) or already drawn (a PIL image, for the synthetic source) and a caption that may be
+missing. The pipeline decodes it in a worker, and a sample that cannot be used raises `Skip` with one of
+`SKIP_REASONS`, which the batch then counts instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from clipforge.transforms import ImageSource
+
+MISSING_IMAGE = "missing_image"  # no image in the sample, or its file is gone
+CORRUPT_IMAGE = "corrupt_image"  # the image bytes do not decode (or the transform rejects the image)
+MISSING_CAPTION = "missing_caption"  # no caption, or one that is empty after stripping whitespace
+UNREADABLE_SHARD = "unreadable_shard"  # a tar shard failed to open or broke mid-way (counts events)
+
+SKIP_REASONS: tuple[str, ...] = (MISSING_IMAGE, CORRUPT_IMAGE, MISSING_CAPTION, UNREADABLE_SHARD)
+
+
+@dataclass
+class RawSample:
+    image: ImageSource | None  # a path, encoded bytes, or a drawn PIL image; None = the sample has none
+    caption: str | bytes | None  # bytes are decoded as UTF-8; None = the sample has none
+    key: str  # names the sample in messages; streamed sources also seed its augmentation with it
+
+
+class Skip(Exception):
+    """A sample that cannot be used; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def read_caption(caption: str | bytes | None) -> str:
+    """The caption as clean text (UTF-8, surrounding whitespace stripped); Skip when missing or empty."""
+    if isinstance(caption, (bytes, bytearray)):
+        caption = bytes(caption).decode("utf-8", errors="replace")
+    if caption is None or not caption.strip():
+        raise Skip(MISSING_CAPTION)
+    return caption.strip()
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends on every part and their order, identical in every process and run.
+
+    Used for each random choice that must be reproducible: ``derive_seed(seed, "order", epoch)`` and so
+    on. Python's ``hash`` is salted per process, so a cryptographic hash of the parts' text is used.
+    """
+    text = "\x1f".join(str(part) for part in parts).encode()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

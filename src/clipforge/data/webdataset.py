@@ -1,0 +1,143 @@
+"""Webdataset source: tar shards in img2dataset's layout, read with the `webdataset` library.
+
+A sample is the files of a shard that share a key: ``000123.jpg`` (or png / webp) + ``000123.txt``
+(+ an optional ``000123.json``, ignored). Shards are named by a brace pattern
+(``data/train-{000..008}.tar``), several patterns joined by ``::``, or URLs the library can open.
+
+Order, for exact resumption: in epoch ``e`` the shard list is shuffled by (seed, e); worker ``r`` of
+``W`` reads every W-th shard of that order (shards ``r, r+W, ...``), and its samples pass through a
+shuffle buffer seeded by (seed, e, r). Everything a worker yields is thus a function of (seed, shards,
+W, r), never of timing; `pipeline` cuts that stream into batches and can skip batches without decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, tarfile_samples
+
+from clipforge.data.samples import UNREADABLE_SHARD, RawSample, derive_seed
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ShardSource:
+    """Streamed source: `epoch_samples` yields one worker's samples of one epoch, in shuffled order."""
+
+    def __init__(
+        self,
+        spec: str,
+        image_suffixes: tuple[str, ...],
+        caption_suffix: str,
+        shuffle_buffer: int,
+        seed: int,
+        workers: int,
+    ) -> None:
+        self.urls = expand_shards(spec)
+        if len(self.urls) < workers:
+            raise ValueError(
+                f"data.path names {len(self.urls)} shard(s) but data.workers={workers}: each worker reads "
+                "whole shards, so use at most as many workers as shards"
+            )
+        self.image_suffixes = image_suffixes
+        self.caption_suffix = caption_suffix.strip().lstrip(".").lower()
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+
+    def epoch_samples(self, epoch: int, role: int, workers: int, errors: Counter[str]) -> Iterator[RawSample]:
+        """Worker ``role`` of ``workers``: its shards of epoch ``epoch``, samples shuffled in a buffer.
+
+        Tar-level failures (a shard that will not open, a tar that breaks mid-way) are added to ``errors``
+        and the stream moves on; the pipeline reports them in the next batch's ``skipped``.
+        """
+        order = list(self.urls)
+        random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
+        mine = order[role::workers]
+        handler = functools.partial(_count_error, errors)
+        samples = tarfile_samples(({"url": url} for url in mine), handler=handler)
+        raw = (self._raw_sample(sample) for sample in samples)
+        rng = random.Random(derive_seed(self.seed, "samples", epoch, role))
+        return shuffle_buffer(raw, self.shuffle_buffer, rng)
+
+    @functools.cached_property
+    def samples_per_epoch(self) -> int | None:
+        """Samples in all shards (read from the local tars' headers once); None if a shard is remote."""
+        if not all(_is_local(url) for url in self.urls):
+            return None
+        return sum(count_samples(_local_path(url)) for url in self.urls)
+
+    def _raw_sample(self, sample: dict[str, Any]) -> RawSample:
+        image = next((sample[s] for s in self.image_suffixes if s in sample), None)
+        shard = os.path.basename(sample.get("__url__", ""))
+        # The key names the shard's file, not its folder: moving the data keeps the augmentations.
+        return RawSample(
+            image=image, caption=sample.get(self.caption_suffix), key=f"{shard}/{sample['__key__']}"
+        )
+
+    def __repr__(self) -> str:
+        return f"ShardSource({len(self.urls)} shards, first {self.urls[0]!r})"
+
+
+def _count_error(errors: Counter[str], exn: Exception) -> bool:
+    """webdataset's error handler: count and report the failure, then carry on with the next file."""
+    log.warning("skipping unreadable shard data: %r", exn)  # rare, and worth seeing each time
+    errors[UNREADABLE_SHARD] += 1
+    return True
+
+
+def expand_shards(spec: str) -> list[str]:
+    """The shard list of ``spec`` (braces, ``::``); every local shard must exist (error names the missing)."""
+    urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"data.path {spec!r} names no shards")
+    missing = [url for url in urls if _is_local(url) and not os.path.isfile(_local_path(url))]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(f"data.path: {len(missing)} of {len(urls)} shard(s) not found: {shown}")
+    return urls
+
+
+def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """Shuffle a stream with a buffer of ``size`` items: each arriving item takes a random slot's place.
+
+    Holds ``size`` items before yielding the first; at the end the rest is shuffled and drained.
+    ``size`` <= 1 leaves the order alone.
+    """
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def count_samples(path: str) -> int:
+    """Distinct sample keys in a local tar (headers only: the tar is seeked, not read)."""
+    with tarfile.open(path, "r:") as tar:
+        keys = {base_plus_ext(member.name)[0] for member in tar if member.isreg()}
+    keys.discard(None)
+    return len(keys)
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
+
+
+def _local_path(url: str) -> str:
+    return url.removeprefix("file://").removeprefix("file:")

@@ -1,0 +1,147 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a directory `step-00000200/` in the run directory:
+- the model as a clipforge directory (`config.json` + `model.safetensors`), so `clipforge.load()` reads it;
+- `optimizer.safetensors`: the AdamW moments and step counts, and the torch RNG states;
+- `trainer_state.json`: the step, the data position, the other RNG states, the resolved config.
+It is assembled in a hidden temporary directory and renamed into place, so a run killed at any moment
+leaves either a whole checkpoint or none. No pickle anywhere: nothing in a checkpoint can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipforge.checkpoints.native import save_native
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path | None:
+    """`--resume latest` (newest checkpoint of the run, or None for a fresh run) or an explicit path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_FILE} in it)")
+    return path
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split the optimizer state into tensors (for safetensors) and plain JSON (hyperparameters)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    plain = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+    }
+    return tensors, plain
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, gauss = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer: Any | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = run_dir / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_native(model, tmp, tokenizer=tokenizer)
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    rng_tensors, rng_plain = _rng_states()
+    save_file({**opt_tensors, **rng_tensors}, tmp / OPTIMIZER_FILE)
+    state = {**trainer_state, "step": step, "optimizer": opt_meta, "rng": rng_plain}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    for path in (tmp / OPTIMIZER_FILE, tmp / STATE_FILE):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # an earlier attempt of this run that got this far; replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states in place; return the trainer state (step, data position…)."""
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    tensors = load_file(path / OPTIMIZER_FILE)
+    state = json.loads((path / STATE_FILE).read_text())
+    _restore_optimizer(optimizer, tensors, state["optimizer"])
+    _restore_rng(tensors, state["rng"])
+    return state

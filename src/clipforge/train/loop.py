@@ -1,0 +1,273 @@
+"""The training loop: batches in, contrastive steps, metrics, checkpoints and zero-shot scores out.
+
+`train(config)` is the whole run; each step of it is a small function below. Nothing here parses flags or
+knows about files beyond the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipforge.configs import dump_toml, to_dict
+from clipforge.data import build_train_loader
+from clipforge.models import CLIP, create_model, get_config
+from clipforge.tokenizer import get_tokenizer
+from clipforge.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from clipforge.train.config import TrainConfig
+from clipforge.train.evaluation import make_evaluator
+from clipforge.train.loss import clamp_logit_scale, contrastive_loss
+from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
+from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer, set_lr
+from clipforge.train.progress import Progress
+
+log = logging.getLogger("clipforge.train")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses in a row); the last good checkpoint is kept."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    finite: bool
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float
+    zeroshot: dict[str, float]
+    samples_per_s: float
+    skipped: dict[str, int]
+
+
+def setup_runtime(cfg: TrainConfig) -> torch.device:
+    """Seeds, threads and device: the same config on the same machine gives the same run."""
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    if cfg.run.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.run.device)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> CLIP:
+    """The configured architecture, sized to the tokenizer's vocabulary and the data's context length."""
+    config = get_config(cfg.model.name)
+    text = dataclasses.replace(config.text, vocab_size=vocab_size, context_length=cfg.data.context_length)
+    model = create_model(dataclasses.replace(config, text=text))
+    if cfg.model.pretrained:
+        from clipforge.checkpoints import load
+
+        pretrained, _, _ = load(cfg.model.pretrained)
+        model.load_state_dict(pretrained.state_dict(), strict=True)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, model: CLIP) -> torch.optim.AdamW:
+    beta1, beta2, eps = PAPER_ADAM[model.config.vision.kind]
+    o = cfg.optim
+    betas = (beta1 if o.beta1 is None else o.beta1, beta2 if o.beta2 is None else o.beta2)
+    return make_optimizer(model, o.lr, o.weight_decay, betas, eps if o.eps is None else o.eps)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"run.precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def train_step(
+    model: CLIP,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    lr: float,
+    precision: str,
+    grad_clip: float,
+) -> StepResult:
+    """One optimizer step; a non-finite loss or gradient skips the update and reports `finite=False`."""
+    set_lr(optimizer, lr)
+    with autocast_for(precision, images.device):
+        image_features = model.encode_image(images)
+        text_features = model.encode_text(tokens)
+    # The loss in fp32 whatever the autocast precision: it is cheap and the softmax is sensitive.
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.float(), dim=-1)
+    loss = contrastive_loss(image_features, text_features, model.logit_scale)
+    if not torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.item(), float("nan"), finite=False)
+    loss.backward()
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss.item(), grad_norm, finite=False)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale(model.logit_scale)
+    return StepResult(loss.item(), grad_norm, finite=True)
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    return run_dir
+
+
+class Trainer:
+    """Everything one run holds: model, optimizer, schedule, data, evaluator, counters, run directory."""
+
+    def __init__(self, cfg: TrainConfig, resume: str = ""):
+        self.cfg = cfg
+        self.device = setup_runtime(cfg)
+        self.run_dir = _prepare_run_dir(cfg)
+        self.tokenizer = get_tokenizer(cfg.model.tokenizer or None)
+        self.model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
+        self.optimizer = build_optimizer(cfg, self.model)
+        s = cfg.schedule
+        self.schedule = WarmupCosine(cfg.optim.lr, s.warmup_steps, s.steps, s.final_lr)
+        image_size = self.model.config.vision.image_size
+        self.data = build_train_loader(cfg.data, self.tokenizer, image_size, seed=cfg.run.seed)
+        self.evaluate = make_evaluator(cfg, self.tokenizer, image_size, self.device)
+        # Counters that a checkpoint carries: batches drawn (the data position), skipped samples by reason.
+        self.state: dict[str, Any] = {"step": 0, "batches": 0, "skipped": {}, "last_zeroshot": {}}
+        checkpoint = resolve_resume(self.run_dir, resume)
+        if checkpoint is not None:
+            self.state.update(load_checkpoint(checkpoint, self.model, self.optimizer))
+            log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+
+    def run(self) -> TrainResult:
+        metrics = MetricsLog(self.run_dir)
+        progress = Progress(self.cfg.schedule.steps, self.state["step"], enabled=self.cfg.run.progress)
+        try:
+            result = self._loop(metrics, progress)
+        finally:
+            progress.close()
+            metrics.close()
+        plot_curves(metrics.path, self.run_dir / CURVES_FILE)
+        return result
+
+    def _loop(self, metrics: MetricsLog, progress: Progress) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        batches = self.data.batches(start_batch=state["batches"])
+        started, samples, bad_in_a_row, loss = time.perf_counter(), 0, 0, float("nan")
+        while state["step"] < cfg.schedule.steps:
+            step = state["step"]
+            batch = next(batches)
+            if len(batch) == 0:  # every sample of this batch was skipped (and counted)
+                self._count_skipped(batch)
+                continue
+            result, n = self._step(batch, step)
+            if not result.finite:
+                bad_in_a_row += 1
+                self._on_bad_step(step, result, bad_in_a_row)
+                continue
+            bad_in_a_row, loss, samples = 0, result.loss, samples + n
+            state["step"] = step = step + 1
+            rate = samples / (time.perf_counter() - started)
+            self._report(step, result, rate, metrics, progress)
+            self._maybe_evaluate(step, metrics, progress)
+            self._maybe_checkpoint(step)
+        rate = samples / max(1e-9, time.perf_counter() - started)
+        return TrainResult(
+            self.run_dir, state["step"], loss, dict(state["last_zeroshot"]), rate, dict(state["skipped"])
+        )
+
+    def _step(self, batch, step: int) -> tuple[StepResult, int]:
+        self._count_skipped(batch)
+        images = batch.images.to(self.device, non_blocking=True)
+        tokens = batch.tokens.to(self.device, non_blocking=True)
+        lr = self.schedule(step)
+        result = train_step(
+            self.model, self.optimizer, images, tokens, lr, self.cfg.run.precision, self.cfg.optim.grad_clip
+        )
+        return result, images.shape[0]
+
+    def _count_skipped(self, batch) -> None:
+        self.state["batches"] += 1
+        for reason, count in batch.skipped.items():
+            self.state["skipped"][reason] = self.state["skipped"].get(reason, 0) + count
+
+    def _on_bad_step(self, step: int, result: StepResult, bad_in_a_row: int) -> None:
+        log.warning(
+            "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+            step,
+            result.loss,
+            result.grad_norm,
+        )
+        if bad_in_a_row >= self.cfg.run.max_bad_steps:
+            raise TrainingStopped(
+                f"stopped at step {step}: {bad_in_a_row} non-finite losses in a row (try a lower optim.lr, "
+                f"optim.grad_clip, or run.precision='fp32'); the last good checkpoint is kept in "
+                f"{self.run_dir}"
+            )
+
+    def _report(
+        self, step: int, result: StepResult, rate: float, metrics: MetricsLog, progress: Progress
+    ) -> None:
+        lr, scale = self.schedule(step - 1), self.model.logit_scale.exp().item()
+        skipped = self.state["skipped"]
+        progress.update(step, loss=result.loss, lr=lr, scale=scale, skipped=sum(skipped.values()), rate=rate)
+        if step % self.cfg.run.log_every == 0 or step == self.cfg.schedule.steps:
+            metrics.write(
+                step,
+                loss=result.loss,
+                lr=lr,
+                logit_scale=scale,
+                grad_norm=result.grad_norm,
+                samples_per_s=rate,
+                skipped=dict(skipped),
+            )
+
+    def _maybe_evaluate(self, step: int, metrics: MetricsLog, progress: Progress) -> None:
+        every, last = self.cfg.eval.every, step == self.cfg.schedule.steps
+        if self.evaluate is None or not (last or (every > 0 and step % every == 0)):
+            return
+        scores = self.evaluate(self.model)
+        self.state["last_zeroshot"] = scores
+        metrics.write(step, **{f"zeroshot_{k}": v for k, v in scores.items()})
+        progress.note(f"step {step}: zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+
+    def _maybe_checkpoint(self, step: int) -> None:
+        every, last = self.cfg.run.checkpoint_every, step == self.cfg.schedule.steps
+        if not (last or (every > 0 and step % every == 0)):
+            return
+        trainer_state = {k: self.state[k] for k in ("batches", "skipped", "last_zeroshot")}
+        trainer_state["config"] = to_dict(self.cfg)
+        save_checkpoint(
+            self.run_dir,
+            step,
+            self.model,
+            self.optimizer,
+            trainer_state,
+            self.tokenizer,
+            self.cfg.run.keep_checkpoints,
+        )
+
+
+def train(cfg: TrainConfig, resume: str = "") -> TrainResult:
+    """Run (or, with `resume` = "latest" or a checkpoint path, continue) the training `cfg` describes."""
+    return Trainer(cfg, resume).run()

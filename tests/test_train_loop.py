@@ -1,0 +1,143 @@
+"""End-to-end training on the synthetic set with a tiny model and a tiny trained tokenizer (no vocab file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipforge.configs import apply_overrides
+from clipforge.data.synthetic import SyntheticSource
+from clipforge.tokenizer import train_tokenizer
+from clipforge.train import loop as loop_module
+from clipforge.train.checkpointing import list_checkpoints
+from clipforge.train.config import TrainConfig
+from clipforge.train.loop import TrainingStopped, train
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 600-id vocabulary trained on synthetic captions: the trained-tokenizer path, and small embeddings."""
+    root = tmp_path_factory.mktemp("tok")
+    source = SyntheticSource(image_size=32, samples=400, seed=0)
+    (root / "captions.txt").write_text("\n".join(source[i].caption for i in range(len(source))))
+    train_tokenizer([root / "captions.txt"], vocab_size=600).save(root / "tokenizer")
+    return root / "tokenizer"
+
+
+def tiny_config(out_dir: Path, tokenizer_dir: Path, *extra: str) -> TrainConfig:
+    args = [
+        "--model.name", "ViT-Micro-16-32", "--model.tokenizer", str(tokenizer_dir),
+        "--data.batch_size", "32", "--data.context_length", "16", "--data.synthetic_samples", "64",
+        "--optim.lr", "5e-4", "--schedule.steps", "8", "--schedule.warmup_steps", "2",
+        "--eval.every", "-1", "--run.out_dir", str(out_dir), "--run.threads", "1", "--run.log_every", "1",
+        "--run.progress", "false", "--run.checkpoint_every", "4", "--run.keep_checkpoints", "5",
+    ]  # fmt: skip
+    return apply_overrides(TrainConfig(), [*args, *extra])
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
+
+
+def test_short_run_lowers_the_loss_and_leaves_a_complete_run_dir(tmp_path, tokenizer_dir):
+    cfg = tiny_config(tmp_path / "run", tokenizer_dir, "--schedule.steps", "40", "--eval.every", "0")
+    result = train(cfg)
+    losses = [
+        r["loss"]
+        for r in map(json.loads, (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    assert set(result.zeroshot) >= {"top1", "top5"}
+    for name in ("config.toml", "curves.png", "metrics.jsonl"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
+        f"step-{s:08d}" for s in range(24, 41, 4)
+    ]  # keep 5
+
+
+def test_checkpoint_loads_with_clipforge_load(tmp_path, tokenizer_dir):
+    from clipforge.checkpoints import load
+
+    train(tiny_config(tmp_path / "run", tokenizer_dir, "--schedule.steps", "4"))
+    model, preprocess, tokenizer = load(list_checkpoints(tmp_path / "run")[-1])
+    assert tokenizer.vocab_size == 600 and model.config.text.context_length == 16
+    assert model.encode_text(tokenizer(["two red circles"], context_length=16)).shape == (1, 64)
+
+
+KILLED_RUN = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_train_loop import tiny_config
+from clipforge.train import loop
+real_save = loop.save_checkpoint
+def save_then_die(run_dir, step, *args, **kwargs):
+    real_save(run_dir, step, *args, **kwargs)
+    if step == 4:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flushing: as hard as a crash gets
+loop.save_checkpoint = save_then_die
+loop.train(tiny_config(Path({out!r}), Path({tok!r})))
+"""
+
+
+def test_sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, tokenizer_dir):
+    train(tiny_config(tmp_path / "straight", tokenizer_dir))
+    code = KILLED_RUN.format(
+        tests=str(Path(__file__).parent), out=str(tmp_path / "killed"), tok=str(tokenizer_dir)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=os.environ.copy(), capture_output=True
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-00000004"]
+    train(tiny_config(tmp_path / "killed", tokenizer_dir), resume="latest")
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir, monkeypatch, caplog):
+    real_loss, calls = loop_module.contrastive_loss, {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 7 else loss
+
+    monkeypatch.setattr(loop_module, "contrastive_loss", sometimes_nan)
+    cfg = tiny_config(
+        tmp_path / "run", tokenizer_dir, "--run.max_bad_steps", "3", "--run.checkpoint_every", "2"
+    )
+    with pytest.raises(TrainingStopped, match="stopped at step 5: 3 non-finite losses in a row"):
+        train(cfg)
+    assert "step 2: non-finite loss" in caplog.text
+    # Steps 0-4 succeeded (one bad batch skipped in between): checkpoints at 2 and 4 are kept.
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002", "step-00000004"]
+    assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
+
+
+def test_cli_trains_from_a_recipe_with_overrides(tmp_path, tokenizer_dir, capsys):
+    from clipforge.cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nname = "ViT-Micro-16-32"\n[schedule]\nsteps = 2\nwarmup_steps = 1\n')
+    code = main(["train", str(recipe), "--model.tokenizer", str(tokenizer_dir), "--data.batch_size", "8",
+                 "--data.context_length", "16", "--run.out_dir", str(tmp_path / "run"), "--run.progress", "false",
+                 "--eval.every", "-1"])  # fmt: skip
+    assert code == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert 'name = "ViT-Micro-16-32"' in (tmp_path / "run/config.toml").read_text()
+    assert main(["train", str(recipe), "--optim.lrr", "1"]) == 2
+    assert "unknown option --optim.lrr" in capsys.readouterr().out
