@@ -70,7 +70,7 @@ def test_checkpoint_loads_with_clipforge_load(tmp_path, tokenizer_dir):
     from clipforge.checkpoints import load
 
     train(tiny_config(tmp_path / "run", tokenizer_dir, "--schedule.steps", "4"))
-    model, preprocess, tokenizer = load(list_checkpoints(tmp_path / "run")[-1])
+    model, _, tokenizer = load(list_checkpoints(tmp_path / "run")[-1])
     assert tokenizer.vocab_size == 600 and model.config.text.context_length == 16
     assert model.encode_text(tokenizer(["two red circles"], context_length=16)).shape == (1, 64)
 
@@ -133,8 +133,9 @@ def test_cli_trains_from_a_recipe_with_overrides(tmp_path, tokenizer_dir, capsys
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('[model]\nname = "ViT-Micro-16-32"\n[schedule]\nsteps = 2\nwarmup_steps = 1\n')
+    out = str(tmp_path / "run")
     code = main(["train", str(recipe), "--model.tokenizer", str(tokenizer_dir), "--data.batch_size", "8",
-                 "--data.context_length", "16", "--run.out_dir", str(tmp_path / "run"), "--run.progress", "false",
+                 "--data.context_length", "16", "--run.out_dir", out, "--run.progress", "false",
                  "--eval.every", "-1"])  # fmt: skip
     assert code == 0
     assert "done: 2 steps" in capsys.readouterr().out

@@ -11,11 +11,13 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `clipforge --help` lists them.
-SUBCOMMANDS = ["models", "tokenizer", "zeroshot"]
+SUBCOMMANDS = ["models", "tokenizer", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, tokenize, train, evaluate.")
+    parser = argparse.ArgumentParser(
+        prog="clipforge", description="CLIP models: load, tokenize, train, evaluate."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"clipforge.cli.{name}").register(subparsers)
@@ -23,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Subcommands that take config overrides (`--optim.lr 5e-4`) receive the flags argparse doesn't know.
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 

@@ -12,11 +12,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a CLIP model from a recipe",
-        description="Train from a TOML recipe (see configs/). Any field can be overridden with a dotted flag, "
-        "e.g. --optim.lr 5e-4 --data.workers 2 --run.out_dir runs/x.",
+        description="Train from a TOML recipe (see configs/). Any field can be overridden with a dotted "
+        "flag, e.g. --optim.lr 5e-4 --data.workers 2 --run.out_dir runs/x.",
     )
     p.add_argument("recipe", help="a TOML recipe, e.g. configs/quickstart.toml")
-    p.add_argument("--resume", default="", help="'latest' (newest checkpoint in run.out_dir) or a checkpoint path")
+    p.add_argument(
+        "--resume", default="", help="'latest' (newest checkpoint in run.out_dir) or a checkpoint path"
+    )
     p.set_defaults(func=run, accepts_overrides=True)
 
 
