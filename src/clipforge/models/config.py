@@ -102,6 +102,12 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
     "ViT-Tiny-8-64": CLIPConfig(
         256, VisionConfig("vit", 64, 256, 6, heads=4, patch_size=8), TextConfig(width=256, heads=4, layers=6)
     ),
+    "ViT-Mini-8-64": CLIPConfig(
+        192, VisionConfig("vit", 64, 192, 4, heads=3, patch_size=8), TextConfig(width=192, heads=3, layers=4)
+    ),
+    "ViT-Nano-8-64": CLIPConfig(
+        128, VisionConfig("vit", 64, 128, 2, heads=2, patch_size=8), TextConfig(width=128, heads=2, layers=2)
+    ),
     "ViT-Nano-16-64": CLIPConfig(
         128, VisionConfig("vit", 64, 128, 2, heads=2, patch_size=16), TextConfig(width=128, heads=2, layers=2)
     ),
