@@ -10,19 +10,8 @@ import torch
 
 from clipforge.checkpoints import CheckpointError, infer_config, load_model, read_weights
 from clipforge.models import create_model
-from clipforge.models.config import MODEL_CONFIGS
+from clipforge.models.config import MODEL_CONFIGS, PAPER_MODELS
 
-PAPER_MODELS = [
-    "RN50",
-    "RN101",
-    "RN50x4",
-    "RN50x16",
-    "RN50x64",
-    "ViT-B-32",
-    "ViT-B-16",
-    "ViT-L-14",
-    "ViT-L-14-336",
-]
 TINY = ["ViT-Nano-16-64", "RN-Tiny-64"]
 EXTRAS = {
     "input_resolution": torch.tensor(64),
@@ -93,7 +82,7 @@ def test_fp16_state_dict_with_extras_infers_config(tmp_path, name):
         assert torch.equal(value, sd[key].to(value.dtype)), key
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS + [n for n in MODEL_CONFIGS if n not in PAPER_MODELS])
+@pytest.mark.parametrize("name", [*PAPER_MODELS, *(n for n in MODEL_CONFIGS if n not in PAPER_MODELS)])
 def test_inference_from_shapes_returns_the_registered_config(name):
     with torch.device("meta"):
         sd = create_model(name).state_dict()

@@ -22,26 +22,13 @@ from clipforge.checkpoints import (
 )
 from clipforge.download import ChecksumError
 from clipforge.models import create_model
-from clipforge.models.config import MODEL_CONFIGS
-
-PAPER_MODELS = [
-    "RN50",
-    "RN101",
-    "RN50x4",
-    "RN50x16",
-    "RN50x64",
-    "ViT-B-32",
-    "ViT-B-16",
-    "ViT-L-14",
-    "ViT-L-14-336",
-]
-
+from clipforge.models.config import MODEL_CONFIGS, PAPER_MODELS
 
 OPENAI = r"https://openaipublic\.azureedge\.net/clip/models"
 
 
 def test_the_nine_released_models():
-    assert available_pretrained() == PAPER_MODELS
+    assert available_pretrained() == list(PAPER_MODELS)
     for name, weights in PRETRAINED.items():
         assert name in MODEL_CONFIGS
         match = re.fullmatch(

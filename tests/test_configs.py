@@ -47,14 +47,16 @@ def test_bad_overrides_name_the_field(args, message):
 def test_unknown_keys_in_a_file_are_errors(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text("[optim]\nlr = 1e-3\nlearning_rate = 2\n")
-    with pytest.raises(ConfigError, match="optim.learning_rate"):
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
         load_toml(TrainConfig, path)
     with pytest.raises(ConfigError, match="not found"):
         load_toml(TrainConfig, tmp_path / "missing.toml")
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = apply_overrides(TrainConfig(), ["--optim.lr", "3e-4", "--data.crop_scale", "0.8,1.0", "--run.seed", "3"])
+    cfg = apply_overrides(
+        TrainConfig(), ["--optim.lr", "3e-4", "--data.crop_scale", "0.8,1.0", "--run.seed", "3"]
+    )
     path = tmp_path / "resolved.toml"
     path.write_text(dump_toml(cfg))
     assert load_toml(TrainConfig, path) == cfg

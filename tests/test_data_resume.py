@@ -11,21 +11,9 @@ import torch
 from PIL import Image
 
 from clipforge.data import DataConfig, build_train_loader
+from helpers import captions_of, stub_tokenizer
 
 SIZE = 16
-
-
-def stub_tokenizer(texts: list[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:
-    """Bytes as token ids: enough for the pipeline, and reversible in tests."""
-    out = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = list(text.encode())[:context_length]
-        out[row, : len(ids)] = torch.tensor(ids)
-    return out
-
-
-def captions_of(tokens: torch.Tensor) -> list[str]:
-    return [bytes(row[row > 0].tolist()).decode() for row in tokens]
 
 
 def image_bytes(i: int) -> bytes:

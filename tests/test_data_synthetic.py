@@ -12,15 +12,7 @@ import torch
 
 from clipforge.data import DataConfig, build_train_loader, synthetic, synthetic_zeroshot_set
 from clipforge.data.synthetic import COLOURS, HELDOUT, SHAPES, Scene, SyntheticSource, render
-
-
-def stub_tokenizer(texts: list[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:
-    """Bytes as token ids: enough for the pipeline, and reversible in tests."""
-    out = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
-        ids = list(text.encode())[:context_length]
-        out[row, : len(ids)] = torch.tensor(ids)
-    return out
+from helpers import stub_tokenizer
 
 
 def test_sample_is_a_function_of_seed_and_index():

@@ -9,7 +9,7 @@ def stub_tokenizer(texts: list[str]) -> torch.Tensor:
     """Deterministic ids per word (no vocabulary file needed); EOT (the largest id) closes each text."""
     out = torch.zeros(len(texts), 16, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = [49406] + [sum(map(ord, w)) % 49000 + 1 for w in text.split()][:14] + [49407]
+        ids = [49406, *[sum(map(ord, w)) % 49000 + 1 for w in text.split()][:14], 49407]
         out[i, : len(ids)] = torch.tensor(ids)
     return out
 
@@ -36,14 +36,18 @@ def test_logits_are_100_times_cosine_and_accuracy_matches_direct_count():
     with torch.no_grad():
         features = model.encode_image(images)
     logits = zeroshot_logits(features, weights)
-    cos = torch.stack([torch.stack([torch.cosine_similarity(f, w, dim=0) for w in weights.t()]) for f in features])
+    cos = torch.stack(
+        [torch.stack([torch.cosine_similarity(f, w, dim=0) for w in weights.t()]) for f in features]
+    )
     torch.testing.assert_close(logits, 100 * cos, atol=1e-4, rtol=0)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
     report = accuracy_report(logits, labels, confusion=True)
     ranks = [sorted(range(6), key=lambda j: -logits[i, j].item()).index(labels[i].item()) for i in range(10)]
     assert report.top1 == pytest.approx(sum(r == 0 for r in ranks) / 10)
     assert report.top5 == pytest.approx(sum(r < 5 for r in ranks) / 10)
-    assert int(report.confusion.sum()) == 10 and int(report.confusion.diagonal().sum()) == sum(r == 0 for r in ranks)
+    assert int(report.confusion.sum()) == 10 and int(report.confusion.diagonal().sum()) == sum(
+        r == 0 for r in ranks
+    )
 
 
 def test_mean_per_class_accuracy_weights_classes_equally():

@@ -32,8 +32,12 @@ RELEASED_PARAMETER_COUNTS = {
 
 # The small configs of the parity fixtures, in clipforge's terms (see make_model_fixtures.py).
 PARITY_CONFIGS = {
-    "vit": CLIPConfig(32, VisionConfig("vit", 32, 64, 2, heads=1, patch_size=8), TextConfig(77, 1000, 48, 2, 2)),
-    "resnet": CLIPConfig(32, VisionConfig("resnet", 64, 8, (1, 2, 1, 1), heads=4), TextConfig(77, 1000, 48, 2, 2)),
+    "vit": CLIPConfig(
+        32, VisionConfig("vit", 32, 64, 2, heads=1, patch_size=8), TextConfig(77, 1000, 48, 2, 2)
+    ),
+    "resnet": CLIPConfig(
+        32, VisionConfig("resnet", 64, 8, (1, 2, 1, 1), heads=4), TextConfig(77, 1000, 48, 2, 2)
+    ),
 }
 
 
@@ -61,7 +65,7 @@ def test_registry_names_and_aliases():
     assert set(RELEASED_PARAMETER_COUNTS) <= set(names)
     assert get_config("ViT-B/32") == get_config("ViT-B-32")
     assert get_config("ViT-L/14@336px") == get_config("ViT-L-14-336")
-    with pytest.raises(KeyError, match="unknown model 'ViT-X'.*RN50"):
+    with pytest.raises(KeyError, match=r"unknown model 'ViT-X'.*RN50"):
         get_config("ViT-X")
 
 
@@ -111,7 +115,10 @@ def test_initialization_follows_the_paper():
     assert block.mlp.c_proj.weight.std().item() == pytest.approx(width**-0.5 * (2 * layers) ** -0.5, rel=0.05)
     assert torch.count_nonzero(block.attn.in_proj_bias) == 0
     resnet = create_model("RN-Tiny-64")
-    assert all(torch.count_nonzero(stage[0].bn3.weight) == 0 for stage in (resnet.visual.layer1, resnet.visual.layer4))
+    assert all(
+        torch.count_nonzero(stage[0].bn3.weight) == 0
+        for stage in (resnet.visual.layer1, resnet.visual.layer4)
+    )
 
 
 def test_text_pools_at_eot_and_ignores_what_follows():
@@ -129,7 +136,7 @@ def test_text_pools_at_eot_and_ignores_what_follows():
 
 def test_too_long_text_is_refused():
     model = create_model("ViT-Nano-16-64")
-    with pytest.raises(ValueError, match="78 tokens.*context length is 77"):
+    with pytest.raises(ValueError, match=r"78 tokens.*context length is 77"):
         model.encode_text(torch.zeros(1, 78, dtype=torch.long))
 
 

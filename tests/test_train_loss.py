@@ -39,7 +39,10 @@ def test_gathered_features_give_the_global_batch_loss():
     images, texts = F.normalize(torch.randn(8, 4), dim=-1), F.normalize(torch.randn(8, 4), dim=-1)
     scale = torch.tensor(1.5)
     full = contrastive_loss(images, texts, scale)
-    halves = [contrastive_loss(images[r * 4 : r * 4 + 4], texts[r * 4 : r * 4 + 4], scale, images, texts, r * 4) for r in (0, 1)]
+    halves = [
+        contrastive_loss(images[r * 4 : r * 4 + 4], texts[r * 4 : r * 4 + 4], scale, images, texts, r * 4)
+        for r in (0, 1)
+    ]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, full)
 
 
@@ -47,7 +50,7 @@ def test_logit_scale_clamped_to_ln_100():
     p = torch.nn.Parameter(torch.tensor(7.0))
     clamp_logit_scale(p)
     assert p.item() == pytest.approx(math.log(100))
-    assert MAX_LOGIT_SCALE == pytest.approx(4.605170186)
+    assert pytest.approx(4.605170186) == MAX_LOGIT_SCALE
     p.data.fill_(3.0)
     clamp_logit_scale(p)
     assert p.item() == 3.0

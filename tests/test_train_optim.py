@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -15,10 +16,17 @@ def test_weight_decay_only_on_weights():
     decayed = {id(p) for p in decay["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     for pid, name in names.items():
-        is_gain_or_bias = name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_final.weight", "bn1.weight"))
+        is_gain_or_bias = name.endswith(
+            ("bias", "ln_1.weight", "ln_2.weight", "ln_final.weight", "bn1.weight")
+        )
         if is_gain_or_bias or name in ("logit_scale", "visual.bn3.weight"):
             assert pid not in decayed, name
-    for name in ("token_embedding.weight", "text_projection", "visual.attnpool.q_proj.weight", "visual.conv1.weight"):
+    for name in (
+        "token_embedding.weight",
+        "text_projection",
+        "visual.attnpool.q_proj.weight",
+        "visual.conv1.weight",
+    ):
         assert id(dict(model.named_parameters())[name]) in decayed, name
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -49,4 +57,4 @@ def test_warmup_then_cosine():
     assert s(110) == pytest.approx(0.1)
     assert s(500) == pytest.approx(0.1)
     values = [s(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))

@@ -72,7 +72,7 @@ class CLIP(nn.Module):
         The text is read at its end-of-text token, which has the largest id in the vocabulary.
         """
         B, T = tokens.shape
-        if T > self.context_length:
+        if self.context_length < T:
             raise ValueError(f"got {T} tokens per text; this model's context length is {self.context_length}")
         x = self.token_embedding(tokens) + self.positional_embedding[:T].to(self.dtype)  # (B, T, C)
         x = self.transformer(x, causal=True)

@@ -27,7 +27,9 @@ class VisionConfig:
     def __post_init__(self) -> None:
         if self.kind == "vit":
             if self.patch_size <= 0 or self.image_size % self.patch_size:
-                raise ValueError(f"ViT image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+                raise ValueError(
+                    f"ViT image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+                )
         elif self.kind == "resnet":
             if not isinstance(self.layers, tuple) or len(self.layers) != 4:
                 raise ValueError(f"ResNet layers must be 4 stage depths, got {self.layers!r}")
@@ -70,13 +72,17 @@ class CLIPConfig:
         )
 
 
-def _vit(embed_dim: int, image_size: int, width: int, layers: int, patch: int, text: TextConfig) -> CLIPConfig:
+def _vit(
+    embed_dim: int, image_size: int, width: int, layers: int, patch: int, text: TextConfig
+) -> CLIPConfig:
     # OpenAI's ViTs use 64-wide heads.
     vision = VisionConfig("vit", image_size, width, layers, heads=width // 64, patch_size=patch)
     return CLIPConfig(embed_dim, vision, text)
 
 
-def _resnet(embed_dim: int, image_size: int, width: int, layers: tuple[int, ...], text: TextConfig) -> CLIPConfig:
+def _resnet(
+    embed_dim: int, image_size: int, width: int, layers: tuple[int, ...], text: TextConfig
+) -> CLIPConfig:
     # The attention pool runs on width*32 channels with 64-wide heads.
     vision = VisionConfig("resnet", image_size, width, layers, heads=width * 32 // 64)
     return CLIPConfig(embed_dim, vision, text)
@@ -119,6 +125,11 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         256, VisionConfig("resnet", 64, 16, (1, 1, 1, 1), heads=8), TextConfig(width=256, heads=4, layers=6)
     ),
 }
+
+# The nine architectures of the paper, with released weights.
+PAPER_MODELS: tuple[str, ...] = (
+    "RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336",
+)  # fmt: skip
 
 # OpenAI's release names use a slash ("ViT-B/32"); accept both spellings.
 ALIASES = {
