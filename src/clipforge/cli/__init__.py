@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `clipforge --help` lists them.
-SUBCOMMANDS = ["models", "tokenizer", "train"]
+SUBCOMMANDS = ["models", "tokenizer", "train", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

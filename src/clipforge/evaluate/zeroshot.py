@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clipforge.evaluate.features import encode_texts
+
 # OpenAI's zero-shot notebooks scale cosine similarities by a fixed 100 rather than the learned scale.
 ZEROSHOT_SCALE = 100.0
 
@@ -35,12 +37,31 @@ def build_classifier(
 ) -> torch.Tensor:
     """(D, C) zero-shot weights: per class, the re-normalized mean of the normalized template embeddings."""
     texts = [fill_template(t, c) for c in classnames for t in templates]
-    features = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start : start + batch_size]).to(device)
-        features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_template = torch.cat(features).view(len(classnames), len(templates), -1)  # (C, T, D)
-    return F.normalize(per_template.mean(dim=1), dim=-1).t()  # (D, C)
+    features = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device)
+    per_template = features.view(len(classnames), len(templates), -1)  # (C, T, D)
+    return F.normalize(per_template.mean(dim=1), dim=-1).t().to(device)  # (D, C)
+
+
+@torch.no_grad()
+def build_classifier_for_names(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    names_per_class: Sequence[Sequence[str]],
+    templates: Sequence[str] = ("{}",),
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(D, C) weights for classes with several names (OpenAI's FER2013 has some): the re-normalized mean
+    over every name x template of the class. With one name per class it is `build_classifier`."""
+    if all(len(names) == 1 for names in names_per_class):
+        classnames = [names[0] for names in names_per_class]
+        return build_classifier(model, tokenizer, classnames, templates, batch_size, device)
+    texts = [fill_template(t, name) for names in names_per_class for name in names for t in templates]
+    owner = torch.tensor([c for c, names in enumerate(names_per_class) for _ in names for _ in templates])
+    features = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device)
+    sums = torch.zeros(len(names_per_class), features.shape[1]).index_add_(0, owner, features)
+    means = sums / torch.bincount(owner, minlength=len(names_per_class))[:, None]
+    return F.normalize(means, dim=-1).t().to(device)  # (D, C)
 
 
 def zeroshot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

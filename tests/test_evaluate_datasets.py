@@ -1,0 +1,156 @@
+"""Evaluation data readers: tar shards, class folders, caption folders and CSV files, made in tmp_path.
+
+`write_shard` and `colour_png` are also used by the other evaluation tests.
+"""
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.evaluate.datasets import DataSpec, ImageDataset, read_captioned, read_labelled
+from clipforge.transforms import EvalTransform
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def colour_png(colour: str, size: int = 12, shade: int = 0) -> bytes:
+    """A small PNG of one colour (a `shade` offset makes images of the same colour differ)."""
+    r, g, b = COLOURS[colour]
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), (r, max(0, g - shade), b)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """A webdataset tar: each sample dict maps an extension to bytes, str or a JSON-able dict ("__key__")."""
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, value in sample.items():
+                if ext == "__key__":
+                    continue
+                data = json.dumps(value).encode() if isinstance(value, dict) else value
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def labelled_samples(colours: list[str], start: int = 0) -> list[dict]:
+    return [
+        {
+            "__key__": f"s{start + i:04d}",
+            "png": colour_png(c, shade=i),
+            "json": {"label": c},
+            "txt": f"a {c} square",
+        }
+        for i, c in enumerate(colours)
+    ]
+
+
+def test_shard_labels_map_to_class_indices_and_unknown_or_imageless_samples_are_skipped(tmp_path):
+    samples = labelled_samples(["red", "green", "blue", "red"])
+    samples.append(
+        {"__key__": "s0100", "png": colour_png("red"), "json": {"label": "purple"}}
+    )  # no such class
+    samples.append({"__key__": "s0101", "json": {"label": "red"}})  # no image
+    write_shard(tmp_path / "eval.tar", samples)
+    data = read_labelled(DataSpec(str(tmp_path / "eval.tar")), ["blue", "green", "red"])
+    assert data.labels == [2, 1, 0, 2] and data.skipped == 2 and len(data) == 4
+    assert data.keys == ["s0000", "s0001", "s0002", "s0003"]
+    transform = EvalTransform(16)
+    decoded = ImageDataset(data.images, transform)[1]
+    expected = transform(Image.open(io.BytesIO(samples[1]["png"])))
+    assert torch.equal(decoded, expected)
+
+
+def test_shard_labels_from_cls_members_and_classes_from_the_labels_found(tmp_path):
+    samples = [{"__key__": f"k{i}", "jpg": colour_png("red"), "cls": str(i % 3)} for i in range(5)]
+    write_shard(tmp_path / "eval.tar", samples)
+    data = read_labelled(DataSpec(str(tmp_path / "eval.tar"), label_key="cls"))
+    assert data.labels == [0, 1, 2, 0, 1] and data.classnames == ["0", "1", "2"]
+    strings = read_labelled(DataSpec(str(write_shard(tmp_path / "b.tar", labelled_samples(["red", "blue"])))))
+    assert strings.classnames == ["blue", "red"] and strings.labels == [1, 0]
+
+
+def test_brace_patterns_read_shards_in_order_and_max_samples_stops_early(tmp_path):
+    write_shard(tmp_path / "part-0.tar", labelled_samples(["red", "green"], start=0))
+    write_shard(tmp_path / "part-1.tar", labelled_samples(["blue", "red"], start=2))
+    spec = DataSpec(str(tmp_path / "part-{0..1}.tar"))
+    assert read_labelled(spec, ["red", "green", "blue"]).labels == [0, 1, 2, 0]
+    limited = DataSpec(str(tmp_path / "part-{0..1}.tar"), max_samples=3)
+    assert read_labelled(limited, ["red", "green", "blue"]).keys == ["s0000", "s0001", "s0002"]
+
+
+def test_shard_captions_from_txt_lines_or_a_json_field(tmp_path):
+    samples = [
+        {
+            "__key__": "a",
+            "png": colour_png("red"),
+            "txt": "a red square\n\nred thing\n",
+            "json": {"alt": ["x", "y"]},
+        },
+        {"__key__": "b", "png": colour_png("blue"), "txt": "", "json": {"alt": "blue"}},
+    ]
+    write_shard(tmp_path / "caps.tar", samples)
+    data = read_captioned(DataSpec(str(tmp_path / "caps.tar")))
+    assert data.captions == [["a red square", "red thing"]] and data.skipped == 1
+    from_json = read_captioned(DataSpec(str(tmp_path / "caps.tar"), caption_key="json:alt"))
+    assert from_json.captions == [["x", "y"], ["blue"]]
+
+
+def test_compressed_tars_are_refused_with_a_clear_message(tmp_path):
+    plain = write_shard(tmp_path / "eval.tar", labelled_samples(["red"]))
+    (tmp_path / "eval.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(ValueError, match="uncompressed"):
+        read_labelled(DataSpec(str(tmp_path / "eval.tar.gz"), format="webdataset"))
+
+
+def write_class_folders(root: Path, folders: dict[str, list[str]]) -> Path:
+    for folder, colours in folders.items():
+        (root / folder / "sub").mkdir(parents=True)
+        for i, colour in enumerate(colours):
+            (root / folder / ("sub" if i % 2 else "") / f"{i}.png").write_bytes(colour_png(colour, shade=i))
+    return root
+
+
+def test_class_folders_name_the_classes(tmp_path):
+    root = write_class_folders(tmp_path / "set", {"red": ["red", "red"], "blue": ["blue"]})
+    data = read_labelled(DataSpec(str(root)))
+    assert data.classnames == ["blue", "red"] and data.labels == [0, 1, 1]
+    assert read_labelled(DataSpec(str(root)), ["red", "green", "blue"]).labels == [2, 0, 0]
+
+
+def test_id_named_folders_map_to_classes_in_sorted_order(tmp_path):
+    # ImageNet's layout: folders named n01440764, ... and a class file in the same (sorted id) order.
+    root = write_class_folders(tmp_path / "val", {"n002": ["green"], "n001": ["red"], "n003": ["blue"]})
+    data = read_labelled(DataSpec(str(root)), ["red", "green", "blue"])
+    assert data.labels == [0, 1, 2]
+
+
+def test_caption_folders_pair_images_with_same_name_text_files(tmp_path):
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(colour_png("red"))
+    (tmp_path / "pics" / "a.txt").write_text("red one\nscarlet one\n")
+    (tmp_path / "pics" / "b.png").write_bytes(colour_png("blue"))  # no caption: skipped
+    data = read_captioned(DataSpec(str(tmp_path / "pics")))
+    assert data.captions == [["red one", "scarlet one"]] and data.skipped == 1
+
+
+def test_csv_labels_by_name_or_index_and_captions_grouped_by_image(tmp_path):
+    for name in ("r.png", "g.png"):
+        (tmp_path / name).write_bytes(colour_png("red" if name == "r.png" else "green"))
+    (tmp_path / "labels.csv").write_text("filepath,label\nr.png,red\ng.png,1\nr.png,mauve\n")
+    data = read_labelled(DataSpec(str(tmp_path / "labels.csv")), ["red", "green"])
+    assert data.labels == [0, 1] and data.skipped == 1 and Path(data.images[0].path).name == "r.png"
+    (tmp_path / "caps.tsv").write_text("filepath\ttitle\nr.png\tred\ng.png\tgreen\nr.png\tcrimson\n")
+    caps = read_captioned(DataSpec(str(tmp_path / "caps.tsv"), caption_key="title"))
+    assert caps.captions == [["red", "crimson"], ["green"]]
+    with pytest.raises(ValueError, match="no column"):
+        read_captioned(DataSpec(str(tmp_path / "caps.tsv"), caption_key="caption"))

@@ -1,0 +1,131 @@
+"""Suites: every task kind on a saved tiny model, a written report, and a feature cache that is hit.
+
+`eval_files` (a saved ViT-Micro with a tiny trained tokenizer, labelled shards, a class file) is also
+used by the command-line tests.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.evaluate import load_suite, run_suite
+from clipforge.models import CLIP
+from clipforge.tokenizer import train_tokenizer
+from test_evaluate_datasets import labelled_samples, write_shard
+
+COLOURS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    (root / "captions.txt").write_text("\n".join(f"a {c} square" for c in COLOURS * 10))
+    tokenizer = train_tokenizer([root / "captions.txt"], vocab_size=600)
+    torch.manual_seed(0)
+    clipforge.save(clipforge.create_model("ViT-Micro-16-32"), root / "model", tokenizer)
+    write_shard(root / "train.tar", labelled_samples(COLOURS * 6))
+    write_shard(root / "eval.tar", labelled_samples(COLOURS * 3, start=100))
+    (root / "classes.json").write_text(json.dumps(COLOURS))
+    return {
+        "root": root,
+        "model": root / "model",
+        "train": root / "train.tar",
+        "eval": root / "eval.tar",
+        "classes": root / "classes.json",
+    }
+
+
+def write_suite(
+    path: Path, files: dict[str, Path], out_dir: Path, cache_dir: Path, probe: bool = True
+) -> Path:
+    probe_task = f"""
+[[task]]
+kind = "linear-probe"
+train = "{files["train"]}"
+data = "{files["eval"]}"
+"""
+    path.write_text(
+        f"""
+model = "{files["model"]}"
+out_dir = "{out_dir}"
+cache_dir = "{cache_dir}"
+workers = 0
+batch_size = 4
+
+[[task]]
+kind = "zeroshot"
+name = "colours"
+data = "{files["eval"]}"
+classes = "{files["classes"]}"
+templates = "a {{}} square"
+
+[[task]]
+kind = "retrieval"
+data = "{files["eval"]}"
+"""
+        + (probe_task if probe else "")
+    )
+    return path
+
+
+@pytest.fixture
+def count_encoder_calls(monkeypatch) -> dict[str, int]:
+    calls = {"image": 0, "text": 0}
+    encode_image, encode_text = CLIP.encode_image, CLIP.encode_text
+
+    def counting_image(self, images):
+        calls["image"] += 1
+        return encode_image(self, images)
+
+    def counting_text(self, tokens):
+        calls["text"] += 1
+        return encode_text(self, tokens)
+
+    monkeypatch.setattr(CLIP, "encode_image", counting_image)
+    monkeypatch.setattr(CLIP, "encode_text", counting_text)
+    return calls
+
+
+def test_suite_runs_every_task_writes_a_report_and_hits_the_cache_the_second_time(
+    eval_files, tmp_path, count_encoder_calls
+):
+    suite = load_suite(write_suite(tmp_path / "suite.toml", eval_files, tmp_path / "out", tmp_path / "cache"))
+    first = run_suite(suite)
+    assert [r.kind for r in first.results] == ["zeroshot", "retrieval", "linear-probe"]
+    # Misses: the eval images (embedding), the captions, the probe's train and test images (pre-projection);
+    # retrieval then finds the eval images' embeddings that zero-shot stored.
+    assert (first.cache_misses, first.cache_hits) == (4, 1)
+    assert count_encoder_calls["image"] > 0
+
+    count_encoder_calls.update(image=0, text=0)
+    second = run_suite(suite)
+    assert (second.cache_misses, second.cache_hits) == (0, 5)
+    assert count_encoder_calls["image"] == 0  # only the zero-shot classifier's prompts are encoded again
+    assert [r.metrics for r in second.results] == [r.metrics for r in first.results]
+
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["name"] for r in report["results"]] == [
+        "colours",
+        "retrieval eval.tar",
+        "linear-probe eval.tar",
+    ]
+    assert report["results"][0]["n"] == 9 and 0 <= report["results"][0]["metrics"]["top1"] <= 1
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert (
+        "| colours | zeroshot | top1 |" in table and "| linear-probe eval.tar | linear-probe | C |" in table
+    )
+    assert (tmp_path / "out" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_changing_the_data_file_misses_the_cache(eval_files, tmp_path):
+    suite = load_suite(write_suite(tmp_path / "suite.toml", eval_files, tmp_path / "out", tmp_path / "cache"))
+    suite.task = suite.task[:1]
+    assert run_suite(suite).cache_misses == 1
+    assert run_suite(suite).cache_hits == 1
+    stat = os.stat(eval_files["eval"])
+    os.utime(eval_files["eval"], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert run_suite(suite).cache_misses == 1
