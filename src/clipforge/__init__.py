@@ -1,7 +1,13 @@
-"""clipforge: CLIP (Radford et al. 2021) — the paper's models, tokenizer, training and evaluation."""
+"""clipforge: CLIP (Radford et al. 2021) — the paper's models, tokenizer, training and evaluation.
 
+Start with `model, preprocess, tokenizer = clipforge.load("ViT-B-32")` (a release name, a file or a
+directory), then `model.encode_image(preprocess(image)[None])` and `model.encode_text(tokenizer(texts))`.
+"""
+
+from clipforge.checkpoints import load, save
 from clipforge.models import CLIP, CLIPConfig, available_models, create_model
+from clipforge.tokenizer import get_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["CLIP", "CLIPConfig", "available_models", "create_model"]
+__all__ = ["CLIP", "CLIPConfig", "available_models", "create_model", "get_tokenizer", "load", "save"]

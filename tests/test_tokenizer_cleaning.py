@@ -1,0 +1,133 @@
+"""The shortcuts of the tokenizer's hot path, each proven equal to OpenAI's step-by-step pipeline.
+
+1. Fast texts (`is_fast_text`): cleaning is whitespace splitting and ASCII lowercasing; ftfy and unescaping
+   change nothing. Checked on every ASCII string of length <= 2, and many random adversarial ones.
+2. Chunks: the words of a cleaned text are the words of its whitespace-separated chunks, in order.
+3. The stdlib `re` twin of the pattern gives the same words on lowercase ASCII.
+4. GPT-2's byte-to-unicode map applied to printable ASCII is the identity.
+5. Cleaned text never holds NUL (the batch separator) nor the characters on which str.split and regex's \\s
+   disagree; str.lower is idempotent (cleaned texts are lowercased twice on the mixed-batch path).
+None of this needs the vocabulary file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipforge.tokenizer.cleaning import ASCII_WORD_RE, WORD_RE, clean_text, is_fast_text
+from clipforge.tokenizer.core import _byte_chars
+from clipforge.tokenizer.vocab import bytes_to_unicode
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer" / "openai_golden.jsonl.gz"
+ASCII = [chr(c) for c in range(128)]
+# Characters the cleaning treats specially, overweighted in random strings.
+TRICKY = [
+    *"&;#<>|/'sStTrRvVmMlLdD0123456789 \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x00\x01\x1b\x7f[]",
+    "&amp;", "&lt;", "&#39;", "&#x27;", "&nbsp", "<|endoftext|>", "<|startoftext|>", "'s", "'LL", "\r\n",
+    "\x1b[31m", "\xa0", "\u3000", "\u2028", "\x85", "\u0345", "ſ", "İ", "Σ", "’", "ﬁ", "Ａ", "\u0301", "Ã©",
+    "â€™", "😀", "\u200d", "\ufeff", "\ud800", "日本", "١", "½",
+]  # fmt: skip
+
+
+def _golden_texts() -> list[str]:
+    with gzip.open(FIXTURE, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f.read().rstrip("\n").split("\n")[1:]]
+
+
+def _random_texts(n: int, seed: int, alphabet: list[str]) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choices(alphabet, k=rng.randint(0, 24))) for _ in range(n)]
+
+
+def _fast_clean(text: str) -> str:
+    """What the tokenizer does to a fast text instead of clean_text."""
+    return " ".join(text.lower().split())
+
+
+def test_fast_path_on_every_short_ascii_string() -> None:
+    strings = [a + b for a in ASCII for b in ASCII] + ASCII + [""]
+    fast = [s for s in strings if is_fast_text(s)]
+    assert len(fast) > 8000  # most of them are fast
+    bad = [s for s in fast if clean_text(s) != _fast_clean(s)]
+    assert not bad, bad[:10]
+
+
+def test_fast_path_on_random_adversarial_strings() -> None:
+    printable = [chr(c) for c in range(0x20, 0x7F)]
+    texts = _random_texts(4000, 0, ASCII + TRICKY * 3) + _random_texts(
+        6000, 1, ASCII + printable * 4 + TRICKY
+    )
+    fast = [s for s in texts if is_fast_text(s)]
+    assert len(fast) > 2000
+    bad = [s for s in fast if clean_text(s) != _fast_clean(s)]
+    assert not bad, bad[:10]
+
+
+@pytest.mark.parametrize(
+    "char", ["&", "\x00", "\x01", "\x0b", "\x1b", "\x1c", "\x1f", "\x7f", "é", "’", "\xa0"]
+)
+def test_fast_path_refuses_what_cleaning_changes(char: str) -> None:
+    assert not is_fast_text(f"a{char}b")
+
+
+def test_fast_path_accepts_ascii_text_and_its_whitespace() -> None:
+    assert is_fast_text("A photo of a cat, 3:00 (cute!) <b>hi</b> 'quoted' $5 @x #y\t\n\r\x0c~")
+
+
+def _words_by_chunks(text: str) -> list[str]:
+    """The tokenizer's route to the words: clean (or the fast shortcut), split, match chunk by chunk."""
+    cleaned = _fast_clean(text) if is_fast_text(text) else clean_text(text)
+    return [w for chunk in cleaned.split() for w in WORD_RE.findall(chunk)]
+
+
+def test_words_of_chunks_equal_words_of_text() -> None:
+    texts = _golden_texts() + _random_texts(4000, 2, ASCII + TRICKY * 4)
+    bad = [t for t in texts if _words_by_chunks(t) != WORD_RE.findall(clean_text(t))]
+    assert not bad, bad[:10]
+
+
+def test_ascii_pattern_equals_openai_pattern_on_lowercase_ascii() -> None:
+    rng = random.Random(3)
+    alphabet = [c for c in ASCII if c not in "\x1c\x1d\x1e\x1f"] + [
+        "'s",
+        "'t",
+        "'re",
+        "'ve",
+        "'m",
+        "'ll",
+        "'d",
+    ]
+    alphabet += ["<|startoftext|>", "<|endoftext|>", "<|endoftext|", "'", "''"]
+    texts = ["".join(rng.choices(alphabet, k=rng.randint(0, 30))).lower() for _ in range(20000)]
+    texts += [(a + b).lower() for a in ASCII for b in ASCII if not {a, b} & set("\x1c\x1d\x1e\x1f")]
+    bad = [t for t in texts if ASCII_WORD_RE.findall(t) != WORD_RE.findall(t)]
+    assert not bad, bad[:10]
+
+
+def test_cleaned_text_has_no_separator_and_splits_like_regex_whitespace() -> None:
+    texts = _golden_texts() + _random_texts(3000, 4, TRICKY)
+    texts += [f"a&#{n};b &#x{n:x};" for n in range(0x110)]  # every C0/C1 control written as an entity
+    for text in texts:
+        cleaned = clean_text(text)
+        assert "\x00" not in cleaned, text
+        assert not any(c.isspace() for c in cleaned.replace(" ", "")), text  # only single spaces remain
+
+
+def test_lower_is_idempotent_on_every_code_point() -> None:
+    chars = "".join(map(chr, range(sys.maxunicode + 1)))
+    once = chars.lower()
+    assert once.lower() == once
+
+
+def test_byte_level_mapping_shortcut() -> None:
+    byte_char = bytes_to_unicode()
+    tricky = [t for t in TRICKY if t != "\ud800"]  # surrogates never get this far: ftfy replaces them
+    words = [chr(c) for c in range(0x800)] + _random_texts(3000, 5, ASCII + tricky)
+    bad = [w for w in words if _byte_chars(w) != "".join(byte_char[b] for b in w.encode("utf-8"))]
+    assert not bad, bad[:10]
