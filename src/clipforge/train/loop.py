@@ -137,6 +137,31 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+class Throughput:
+    """Samples per second of the training steps alone (data loading included; evaluation and
+    checkpoints excluded), overall and over the last `window` steps."""
+
+    def __init__(self, window: int = 20):
+        self._times: list[tuple[float, int]] = []
+        self._window, self._t0 = window, 0.0
+        self._total_time, self._total_samples = 0.0, 0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, samples: int) -> None:
+        elapsed = time.perf_counter() - self._t0
+        self._times = [*self._times[-(self._window - 1) :], (elapsed, samples)]
+        self._total_time += elapsed
+        self._total_samples += samples
+
+    def recent(self) -> float:
+        return sum(n for _, n in self._times) / max(1e-9, sum(t for t, _ in self._times))
+
+    def overall(self) -> float:
+        return self._total_samples / max(1e-9, self._total_time)
+
+
 class Trainer:
     """Everything one run holds: model, optimizer, schedule, data, evaluator, counters, run directory."""
 
@@ -173,9 +198,10 @@ class Trainer:
     def _loop(self, metrics: MetricsLog, progress: Progress) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = self.data.batches(start_batch=state["batches"])
-        started, samples, bad_in_a_row, loss = time.perf_counter(), 0, 0, float("nan")
+        speed, bad_in_a_row, loss = Throughput(), 0, float("nan")
         while state["step"] < cfg.schedule.steps:
             step = state["step"]
+            speed.start()
             batch = next(batches)
             if len(batch) == 0:  # every sample of this batch was skipped (and counted)
                 self._count_skipped(batch)
@@ -185,15 +211,19 @@ class Trainer:
                 bad_in_a_row += 1
                 self._on_bad_step(step, result, bad_in_a_row)
                 continue
-            bad_in_a_row, loss, samples = 0, result.loss, samples + n
+            speed.stop(n)
+            bad_in_a_row, loss = 0, result.loss
             state["step"] = step = step + 1
-            rate = samples / (time.perf_counter() - started)
-            self._report(step, result, rate, metrics, progress)
+            self._report(step, result, speed.recent(), metrics, progress)
             self._maybe_evaluate(step, metrics, progress)
             self._maybe_checkpoint(step)
-        rate = samples / max(1e-9, time.perf_counter() - started)
         return TrainResult(
-            self.run_dir, state["step"], loss, dict(state["last_zeroshot"]), rate, dict(state["skipped"])
+            self.run_dir,
+            state["step"],
+            loss,
+            dict(state["last_zeroshot"]),
+            speed.overall(),
+            dict(state["skipped"]),
         )
 
     def _step(self, batch, step: int) -> tuple[StepResult, int]:
