@@ -79,6 +79,10 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> CLIP:
         pretrained, _, _ = load(cfg.model.pretrained)
         model.load_state_dict(pretrained.state_dict(), strict=True)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    if cfg.model.compile:
+        # Compile the towers in place (Module.compile): parameter names, and so checkpoints, are unchanged.
+        model.visual.compile()
+        model.transformer.compile()
     return model
 
 
