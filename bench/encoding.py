@@ -1,0 +1,117 @@
+"""Image and text encoding throughput: `encode_image` / `encode_text` in eval mode under `inference_mode`.
+
+Every library builds the same architecture with random weights (`bench.libraries`) and encodes the same
+inputs: random pixels, and full-length texts (77 tokens: CLIP's text tower always runs its whole context).
+bf16 means autocast with fp32 weights, as a training run's evaluation would use it. RN50's text tower is
+ViT-B/32's (same widths and depths; only the final projection differs: 512 -> 1024 instead of 512 -> 512),
+so text is measured once, on ViT-B/32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench import libraries
+from bench.envs import CLIPFORGE, CONTENDERS, PEERS, Contender, Pool
+from bench.results import Row
+from bench.specs import ARCHS, make_images, make_tokens
+
+# bf16 on a CPU: clipforge and the maintained libraries (OpenAI's model under autocast runs the same PyTorch
+# ops as OpenCLIP's); on a GPU every contender.
+MAINTAINED = (CLIPFORGE, *(c for c in PEERS if c.lib != "openai"))
+
+
+def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+
+def make_case(
+    lib: str, arch: str, tower: str, batch: int, precision: str, device: str
+) -> tuple[Callable[[], object], dict]:
+    """Worker side: a callable that encodes one batch (the model is shared by the cases of one arch)."""
+    a = ARCHS[arch]
+    built = libraries.cached(lib, a, device)
+    built.model.eval()
+    encode = built.encode_image if tower == "image" else built.encode_text
+    inputs = make_images(a, batch, device) if tower == "image" else make_tokens(a, batch, device)
+
+    def call() -> None:
+        with torch.inference_mode(), autocast(precision, device):
+            encode(inputs)
+
+    return call, {"items": batch, **libraries.describe(built)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    arch: str
+    tower: str
+    batch: int
+    precision: str
+    contenders: tuple[Contender, ...]
+
+    @property
+    def case(self) -> str:
+        return f"{self.arch} {self.tower}, batch {self.batch}"
+
+
+def plan(device: str, scope: str) -> list[Cell]:
+    """The cells of a run: `scope` is "quick", "default" or "complete"."""
+    if device.startswith("cuda"):
+        shapes = [("ViT-B-32", "image"), ("ViT-B-32", "text"), ("ViT-L-14", "image"), ("ViT-L-14", "text")]
+        return [
+            Cell(arch, tower, batch, precision, CONTENDERS)
+            for arch, tower in shapes
+            for batch in (1, 256)
+            for precision in ("bf16", "fp32")
+        ]
+    cells = []
+    for arch, tower in (("ViT-B-32", "image"), ("ViT-B-32", "text"), ("RN50", "image")):
+        for batch in (1, 32):
+            for precision in ("fp32", "bf16"):
+                if _on_cpu(scope, (arch, tower) == ("ViT-B-32", "image"), batch, precision):
+                    contenders = CONTENDERS if precision == "fp32" else MAINTAINED
+                    cells.append(Cell(arch, tower, batch, precision, contenders))
+    return cells
+
+
+def _on_cpu(scope: str, main: bool, batch: int, precision: str) -> bool:
+    """Whether a CPU run measures a cell; `main`: the ViT-B/32 image tower."""
+    if scope == "complete":
+        return True
+    if precision == "bf16" and batch > 1:  # slow without native bf16 (see the matmul peak): ~3 min more
+        return False
+    return scope == "default" or main or (batch == 1 and precision == "fp32")
+
+
+def run(pool: Pool) -> list[Row]:
+    s = pool.settings
+    rows = []
+    flops: dict[tuple[str, str], float] = {}
+    for cell in plan(s.device, s.scope):
+        key = (cell.arch, cell.tower)
+        if key not in flops:
+            flops[key] = pool.run(CLIPFORGE, "bench.peak:encode_flops", arch=cell.arch, tower=cell.tower)
+        args = {"arch": cell.arch, "tower": cell.tower, "batch": cell.batch, "precision": cell.precision}
+        measured = pool.measure(
+            cell.contenders, "bench.encoding:make_case", lambda c, a=args: {"lib": c.lib, **a}
+        )
+        unit = "images/s" if cell.tower == "image" else "texts/s"
+        results = {k: m.seconds.map(lambda t, n=m.info["items"]: n / t) for k, m in measured.items()}
+        row = Row("encode", cell.case, unit, results, precision=cell.precision, flops_per_item=flops[key])
+        row.best_of = cell.case
+        row.check_parameters({k: m.info["parameters"] for k, m in measured.items()})
+        rows.append(row)
+        print(row.brief(), flush=True)
+    return rows
