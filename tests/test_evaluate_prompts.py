@@ -9,15 +9,7 @@ import torch
 from clipforge.evaluate.prompts import available_prompts, load_prompts, load_templates
 from clipforge.evaluate.zeroshot import build_classifier, build_classifier_for_names
 from clipforge.models import create_model
-
-
-def stub_tokenizer(texts: list[str]) -> torch.Tensor:
-    """Deterministic ids per word (no vocabulary file needed); EOT (the largest id) closes each text."""
-    out = torch.zeros(len(texts), 16, dtype=torch.long)
-    for i, text in enumerate(texts):
-        ids = [49406, *[sum(map(ord, w)) % 49000 + 1 for w in text.split()][:14], 49407]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
+from helpers import word_tokenizer as stub_tokenizer
 
 
 def test_builtin_sets_are_openais_published_prompts():

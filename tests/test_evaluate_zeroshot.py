@@ -3,15 +3,7 @@ import torch
 
 from clipforge.evaluate.zeroshot import accuracy_report, build_classifier, fill_template, zeroshot_logits
 from clipforge.models import create_model
-
-
-def stub_tokenizer(texts: list[str]) -> torch.Tensor:
-    """Deterministic ids per word (no vocabulary file needed); EOT (the largest id) closes each text."""
-    out = torch.zeros(len(texts), 16, dtype=torch.long)
-    for i, text in enumerate(texts):
-        ids = [49406, *[sum(map(ord, w)) % 49000 + 1 for w in text.split()][:14], 49407]
-        out[i, : len(ids)] = torch.tensor(ids)
-    return out
+from helpers import word_tokenizer as stub_tokenizer
 
 
 def test_classifier_is_normalized_mean_of_normalized_template_embeddings():

@@ -68,7 +68,11 @@ def test_short_run_lowers_the_loss_and_leaves_a_complete_run_dir(tmp_path, token
 
 def test_compile_option_compiles_both_towers_in_place(tmp_path, tokenizer_dir, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+
+    def record(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
     model = loop_module.build_model(tiny_config(tmp_path, tokenizer_dir, "--model.compile", "true"), 600)
     assert compiled == ["VisionTransformer", "Transformer"]
     assert "visual.conv1.weight" in model.state_dict()  # names unchanged: checkpoints stay loadable
