@@ -1,8 +1,12 @@
 """clipforge's benchmark suite against OpenCLIP, HF transformers and OpenAI's clip, in one run.
 
-    bench/setup_env.sh /path/to/benchenv          # once: the peers' environment (default ../benchenv)
-    python -m bench all --out docs/benchmarks.md  # ~15 min on 2 CPU cores; --quick: ~3 min
-    python -m bench encode train --peers-env /path/to/benchenv
+    bench/setup_env.sh /path/to/benchenv   # once: the peers' environment ($CLIPFORGE_BENCH_ENV, ../benchenv)
+    python -m bench all --peers-env /path/to/benchenv --out docs/benchmarks.md
+    python -m bench encode train --quick   # some families, fewer cases and repetitions
+    python -m bench --from-json docs/benchmarks.json --out docs/benchmarks.md   # re-render, no measuring
+
+On an idle 2-core machine: about 16 min; --quick about 4 min; --complete (every bf16 cell) about 30 min.
+bench/gpu.sh runs it on a CUDA GPU.
 
 Families: peak (matmul peak; run first for "% of peak"), encode, train, memory, data, tokenizer. Results are
 written as markdown tables with a PNG and the raw repetitions in JSON beside it, or printed without --out.
@@ -39,8 +43,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("families", nargs="*", metavar="FAMILY", help=f"of {names} (default: all)")
     parser.add_argument("--out", type=Path, help="write the markdown here (plus .png and .json beside it)")
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("--quick", action="store_true", help="fewer cases, 3 repetitions (~3 min)")
-    scope.add_argument("--complete", action="store_true", help="every bf16 cell too (~35 min on 2 cores)")
+    scope.add_argument(
+        "--quick", action="store_true", help="fewer cases and contenders, 3 repetitions (~4 min)"
+    )
+    scope.add_argument("--complete", action="store_true", help="every bf16 cell too (~30 min on 2 cores)")
     parser.add_argument("--peers-env", type=Path, default=DEFAULT_PEERS_ENV, help="from bench/setup_env.sh")
     parser.add_argument(
         "--ours-python", default=sys.executable, help="clipforge's interpreter (default: this)"
@@ -93,6 +99,19 @@ def merge_peak(rows: list[Row], again: list[Row]) -> list[Row]:
     return rows
 
 
+def make_settings(args: argparse.Namespace) -> Settings:
+    scope = "quick" if args.quick else "complete" if args.complete else "default"
+    settings = Settings(args.peers_env, args.ours_python, args.threads, args.device, scope=scope)
+    settings.verbose = args.verbose
+    if args.contenders or args.quick:
+        chosen = (args.contenders or "clipforge,openclip,hf").split(",")
+        settings.contenders = tuple(c.key for c in CONTENDERS if c.key in chosen)
+    settings.reps = args.reps or (3 if args.quick else 5)
+    if args.quick or args.device.startswith("cuda"):  # GPU calls are short: less is needed to time them
+        settings.warmup_s, settings.rep_s = 0.5, 0.2
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.from_json:
@@ -104,15 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     families = list(FAMILIES) if "all" in chosen else list(dict.fromkeys(chosen))
     if {"encode", "train"} & set(families) and "peak" not in families:
         families.insert(0, "peak")  # "% of peak" needs it
-    scope = "quick" if args.quick else "complete" if args.complete else "default"
-    settings = Settings(args.peers_env, args.ours_python, args.threads, args.device, scope=scope)
-    settings.verbose = args.verbose
-    if args.contenders or args.quick:
-        chosen_keys = (args.contenders or "clipforge,openclip,hf").split(",")
-        settings.contenders = tuple(c.key for c in CONTENDERS if c.key in chosen_keys)
-    settings.reps = args.reps or (3 if args.quick else 5)
-    if args.quick or args.device.startswith("cuda"):  # GPU calls are short: less is needed to time them
-        settings.warmup_s, settings.rep_s = 0.5, 0.2
+    settings = make_settings(args)
     if not Path(settings.python("peers")).exists():
         print(f"no peers' environment at {settings.peers_env}: run bench/setup_env.sh (or pass --peers-env)")
         return 2

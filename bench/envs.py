@@ -184,8 +184,12 @@ class Pool:
             self.workers[key].request("release")
         return {key: Measured(Stats.of(samples[key]), prepared[key]) for key in prepared}
 
-    def close(self) -> None:
+    def stop_workers(self) -> None:
+        """End the long-lived workers (they start again when needed), e.g. to free their memory."""
         for process in self.workers.values():
             process.close()
         self.workers.clear()
+
+    def close(self) -> None:
+        self.stop_workers()
         shutil.rmtree(self.log_dir, ignore_errors=True)  # errors carried their log's tail already

@@ -1,4 +1,4 @@
-"""Data pipeline throughput, images per second in one process (= per DataLoader worker), on real JPEGs.
+"""Data pipeline throughput per DataLoader worker (one process, one torch thread), on real JPEGs.
 
 clipforge: `build_train_loader` on one pictext shard with `workers=0`, as the pictext recipe configures it
 (webdataset source, shuffle buffer 2000, `TrainTransform`: random resized crop with scale 0.9-1.0, bicubic;
@@ -88,8 +88,13 @@ def make_case(
     iterator = stream()
 
     def call() -> None:
-        for _ in range(batches):
-            next(iterator)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker process
+        try:
+            for _ in range(batches):
+                next(iterator)
+        finally:
+            torch.set_num_threads(threads)
 
     return call, {"items": batch * batches}
 
@@ -103,6 +108,7 @@ def run(pool: Pool, shard: Path = SHARD) -> list[Row]:
     if not shard.exists():
         raise FileNotFoundError(f"no pictext shard at {shard} (the data pipeline is measured on it)")
     s = pool.settings
+    pool.stop_workers()  # fresh processes: workers that held big models run this several times slower
     openclip = next(c for c in CONTENDERS if c.key == "openclip")
     batches = 1  # a call draws one batch; a repetition repeats calls for at least `rep_s`
     rows = []

@@ -163,6 +163,7 @@ def memory_plan(device: str, scope: str) -> list[tuple[str, tuple[int, ...]]]:
 def run_memory(pool: Pool) -> list[Row]:
     """One fresh process per (contender, batch); fp32 on a CPU, bf16 on a GPU (each one's best setting)."""
     s = pool.settings
+    pool.stop_workers()  # their models and allocator caches would crowd the machine's memory meanwhile
     precision = "bf16" if s.device.startswith("cuda") else "fp32"
     rows = []
     for arch, batches in memory_plan(s.device, s.scope):
