@@ -24,7 +24,10 @@ OURS = "clipforge"
 
 INTRO = (
     "Measured by the suite in `bench/` (issue 7): clipforge side by side with OpenCLIP, HF transformers and "
-    "OpenAI's `clip`. Numbers are reported, never asserted in tests."
+    "OpenAI's `clip`. Numbers are reported, never asserted in tests. To reproduce: `bench/setup_env.sh` (the "
+    "peers' environment), then `python -m bench all --out docs/benchmarks.md` from clipforge's venv "
+    "(`--quick` for a ~4-minute check; `bench/gpu.sh` for a CUDA GPU). `--from-json docs/benchmarks.json` "
+    "rewrites this page from the stored repetitions without measuring."
 )
 SECTIONS = {
     "encode": "Image and text encoding",
@@ -252,7 +255,7 @@ def plot(rows: list[Row], meta: dict, path: Path) -> None:
     ax_ratio.set_xscale("log")
     ax_ratio.set_xlabel("clipforge throughput / peer throughput (>1: clipforge faster)")
     ax_ratio.set_title("Speed relative to each peer (medians, min–max)")
-    ax_ratio.legend(fontsize=8)
+    ax_ratio.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
     # 2. Training memory against batch size, one line per library and architecture.
     memory = [r for r in rows if r.family == "memory"]
@@ -271,7 +274,7 @@ def plot(rows: list[Row], meta: dict, path: Path) -> None:
     ax_memory.set_ylabel("peak memory above the pre-step baseline (MiB)")
     ax_memory.set_title("Training-step memory")
     if memory:
-        ax_memory.legend(fontsize=7)
+        ax_memory.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
     # 3. Share of the machine's matmul peak, best precision.
     peak_rate = meta.get("peak_gflops")
@@ -290,7 +293,7 @@ def plot(rows: list[Row], meta: dict, path: Path) -> None:
     ax_peak.invert_yaxis()
     ax_peak.set_xlabel(f"% of matmul peak ({peak_rate:,.0f} GFLOP/s)" if peak_rate else "% of peak")
     ax_peak.set_title("Model FLOP utilization (best precision)")
-    ax_peak.legend(fontsize=8)
+    ax_peak.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
 
     envs, loads = meta["environments"], meta["load_average"]
     threads = meta["settings"]["threads"]

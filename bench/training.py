@@ -9,7 +9,8 @@ OpenAI released no training code, so OpenAI's `clip` is not in these rows.
 Memory: each point runs in a fresh process. It builds the model, optimizer and inputs, resets the peak-RSS
 mark (`/proc/self/clear_refs`), runs warm-up steps and the measured steps, and reports the peak resident set
 minus the resident set just before the first step: gradients, AdamW's two moments, activations and whatever
-the allocator keeps. On a GPU: the peak of `torch.cuda.max_memory_allocated` over the same baseline.
+the allocator keeps. One measurement per point (a fresh process each: no repetitions). On a GPU: the peak of
+`torch.cuda.max_memory_allocated` over the same baseline.
 """
 
 from __future__ import annotations
