@@ -89,8 +89,9 @@ def make_image(
 
 
 def _load_clipforge_transforms():
+    package = ROOT / "src" / "clipforge" / "transforms"
     spec = importlib.util.spec_from_file_location(
-        "_cf_transforms", ROOT / "src" / "clipforge" / "transforms.py"
+        "_cf_transforms", package / "__init__.py", submodule_search_locations=[str(package)]
     )
     if spec is None or spec.loader is None:
         return None

@@ -32,7 +32,7 @@ from clipforge.transforms import (
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "transforms" / "openai_transform.npz"
-SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "transforms.py"
+SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "transforms"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,9 +198,10 @@ def test_constants_and_factory() -> None:
 
 
 def test_no_torchvision_import() -> None:
-    tree = ast.parse(SRC.read_text())
-    names = [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
-    names += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    trees = [ast.parse(path.read_text()) for path in sorted(SRC.glob("*.py"))]
+    nodes = [node for tree in trees for node in ast.walk(tree)]
+    names = [a.name for node in nodes if isinstance(node, ast.Import) for a in node.names]
+    names += [node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)]
     assert not [n for n in names if n.split(".")[0] in ("torchvision", "open_clip", "clip")]
 
 

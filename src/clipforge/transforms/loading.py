@@ -1,0 +1,95 @@
+"""Decoding images from paths, bytes or files (libjpeg draft decoding on the train path only); batching."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterable
+from typing import IO, Union
+
+import torch
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+
+from .augment import DEFAULT_TRAIN_RATIO, DEFAULT_TRAIN_SCALE, TrainTransform, _min_crop_fraction
+from .exact import EvalTransform, _check_size
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image]
+
+# 1 / 0.8216 for the default scale/ratio: a 224 target keeps a shorter side >= 273, so drafting starts
+# at a 546 px shorter side (1/2 scale), and 1/4, 1/8 for 1092 px, 2184 px.
+DEFAULT_DRAFT_MARGIN: float = 1.0 / _min_crop_fraction(DEFAULT_TRAIN_SCALE, DEFAULT_TRAIN_RATIO)
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(
+    source: ImageSource,
+    target_size: int | None = None,
+    *,
+    draft: bool = True,
+    margin: float = DEFAULT_DRAFT_MARGIN,
+) -> Image.Image:
+    """Open and fully decode an image from a path, bytes, a binary file object or an unloaded PIL image.
+
+    With ``target_size`` (train path only) and ``draft=True``, a JPEG whose shorter side is at least
+    twice ``ceil(target_size * margin)`` is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, never going
+    below that side; other formats, and JPEGs not that large, decode normally. The mode is unchanged
+    (RGB conversion belongs after the crop). The result is loaded, with no file handle left open.
+    Pass ``target_size=None`` for the eval path: a drafted decode is close to, but not bit-identical
+    with, a full decode followed by resizing.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as fh:
+                fp: IO[bytes] = io.BytesIO(fh.read())
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            fp = io.BytesIO(bytes(source))
+        elif hasattr(source, "read"):
+            fp = source
+        else:
+            raise TypeError(f"cannot load an image from {type(source).__name__}")
+        try:
+            image = Image.open(fp)
+        except UnidentifiedImageError as exc:
+            raise UnidentifiedImageError(f"cannot identify image file {_describe(source)}") from exc
+    if draft and target_size is not None:
+        _maybe_draft(image, math.ceil(_check_size(target_size) * margin))
+    image.load()
+    return image
+
+
+def _maybe_draft(image: Image.Image, min_side: int) -> None:
+    """Request a reduced-scale JPEG decode keeping both sides >= ``min_side``, if that saves anything."""
+    if not isinstance(image, JpegImagePlugin.JpegImageFile) or not image.tile:
+        return  # not a JPEG, or already decoded
+    if min(image.size) < 2 * min_side:
+        return  # no 2x reduction possible without going below min_side
+    image.draft(None, (min_side, min_side))
+
+
+def preprocess_batch(
+    images: Iterable[Image.Image | ImageSource],
+    transform: EvalTransform | TrainTransform,
+) -> torch.Tensor:
+    """Apply ``transform`` to each image and stack: float tensor ``[N, 3, H, W]``.
+
+    Items that are not PIL images are decoded first with ``transform.load`` (no draft for eval).
+    """
+    loader = getattr(transform, "load", None)
+    tensors = []
+    for item in images:
+        if not isinstance(item, Image.Image):
+            item = loader(item) if loader is not None else load_image(item)
+        tensors.append(transform(item))
+    if not tensors:
+        raise ValueError("preprocess_batch needs at least one image")
+    return torch.stack(tensors)
