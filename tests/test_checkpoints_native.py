@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -142,3 +143,19 @@ def test_corrupt_files_in_a_directory_are_reported(tmp_path):
     (out / "config.json").write_text('{"format": "clipforge", "format_version": 1, "model": {"vision": {}}}')
     with pytest.raises(CheckpointError, match="invalid model config"):
         load_model(out)
+
+
+def test_logit_bias_round_trips_through_directories_and_bare_files(tmp_path):
+    torch.manual_seed(0)
+    config = dataclasses.replace(MODEL_CONFIGS["ViT-Nano-16-64"], logit_bias=True)
+    model = create_model(config).eval()
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.25)
+    loaded = load_model(save(model, tmp_path / "siglip"))
+    assert loaded.config.logit_bias and loaded.logit_bias.item() == -3.25
+    _assert_identical(model, loaded)
+    # A bare weights file says it has a bias by having the key.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.safetensors")
+    inferred = load_model(tmp_path / "w.safetensors")
+    assert inferred.config == config
+    _assert_identical(model, inferred)

@@ -5,6 +5,7 @@ Fixtures in tests/fixtures/models were written by scripts/make_model_fixtures.py
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -168,3 +169,54 @@ def test_bf16_autocast_stays_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = model.encode_image(images)
     assert torch.nn.functional.cosine_similarity(full, half.float()).min() > 0.99
+
+
+def test_logit_bias_exists_only_when_configured():
+    plain = create_model("ViT-Nano-16-64")
+    assert plain.logit_bias is None and "logit_bias" not in plain.state_dict()
+    config = dataclasses.replace(get_config("ViT-Nano-16-64"), logit_bias=True)
+    torch.manual_seed(0)
+    model = create_model(config).eval()
+    assert set(model.state_dict()) == {*plain.state_dict(), "logit_bias"}  # OpenAI's keys plus one
+    assert model.logit_bias.item() == -10.0  # SigLIP's initial bias
+    assert CLIPConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (3, 8))
+    with torch.no_grad():
+        logits, per_text = model(images, tokens)
+        model.logit_bias.zero_()
+        unbiased, _ = model(images, tokens)
+    torch.testing.assert_close(logits, unbiased - 10.0)
+    assert torch.equal(per_text, logits.t())
+
+
+def test_towers_partition_the_parameters():
+    model = create_model("RN-Tiny-64")
+    image, text = model.tower_parameters("image"), model.tower_parameters("text")
+    ids = [id(p) for p in image + text]
+    assert len(ids) == len(set(ids))
+    rest = {n for n, p in model.named_parameters() if id(p) not in set(ids)}
+    assert rest == {"logit_scale"}
+    with pytest.raises(ValueError, match="unknown tower 'audio'"):
+        model.tower_parameters("audio")
+
+
+def test_locked_tower_has_no_gradients_and_stays_in_eval_mode():
+    torch.manual_seed(0)
+    model = create_model("RN-Tiny-64")
+    model.lock_tower("image")
+    assert model.locked_towers == {"image"}
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert all(p.requires_grad for p in model.tower_parameters("text"))
+    model.train()
+    assert model.training and model.transformer.training and not model.visual.training
+    assert not any(m.training for m in model.visual.modules())
+    bn = model.visual.bn1
+    before = bn.running_mean.clone()
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(0, 49407, (2, 8))
+    logits, _ = model(images, tokens)
+    logits.logsumexp(dim=1).sum().backward()
+    assert torch.equal(bn.running_mean, before)  # eval mode: BatchNorm statistics do not move
+    assert all(p.grad is None for p in model.visual.parameters())
+    assert model.text_projection.grad is not None
+    model.eval().train()
+    assert not model.visual.training  # still locked after another round trip

@@ -4,7 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.train.loss import MAX_LOGIT_SCALE, clamp_logit_scale, contrastive_loss
+from clipforge.train.loss import (
+    LOSS_DEFAULTS,
+    MAX_LOGIT_SCALE,
+    clamp_logit_scale,
+    contrastive_loss,
+    sigmoid_loss,
+)
 
 
 def direct_loss(images: torch.Tensor, texts: torch.Tensor, scale: float) -> float:
@@ -54,3 +60,60 @@ def test_logit_scale_clamped_to_ln_100():
     p.data.fill_(3.0)
     clamp_logit_scale(p)
     assert p.item() == 3.0
+
+
+def direct_sigmoid_loss(images: torch.Tensor, texts: torch.Tensor, t: float, b: float) -> float:
+    """SigLIP's loss (Zhai et al. 2023, Algorithm 1 and §3.2) pair by pair, in float64."""
+    n = images.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            label = 1.0 if i == j else -1.0
+            logit = t * float(images[i] @ texts[j]) + b
+            total += math.log(1 / (1 + math.exp(-label * logit)))
+    return -total / n
+
+
+def test_sigmoid_loss_equals_direct_computation():
+    torch.manual_seed(3)
+    images = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    texts = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    for t, b in ((10.0, -10.0), (3.0, 0.5)):
+        log_t, bias = torch.tensor(math.log(t), dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+        got = sigmoid_loss(images, texts, log_t, bias).item()
+        assert got == pytest.approx(direct_sigmoid_loss(images, texts, t, b), rel=1e-12)
+
+
+def test_sigmoid_loss_blocks_add_up_to_the_global_batch_loss():
+    """Both multi-process forms: texts gathered (with an offset), or passed round in chunks and summed."""
+    torch.manual_seed(4)
+    images, texts = F.normalize(torch.randn(8, 4), dim=-1), F.normalize(torch.randn(8, 4), dim=-1)
+    log_t, bias = torch.tensor(math.log(10.0)), torch.tensor(-2.0)
+    full = sigmoid_loss(images, texts, log_t, bias)
+    blocks = [slice(0, 4), slice(4, 8)]
+    gathered = [sigmoid_loss(images[r], texts, log_t, bias, offset=r.start) for r in blocks]
+    torch.testing.assert_close((gathered[0] + gathered[1]) / 2, full)
+    for rank, own in enumerate(blocks):
+        other = blocks[1 - rank]
+        chunked = sigmoid_loss(images[own], texts[own], log_t, bias) + sigmoid_loss(
+            images[own], texts[other], log_t, bias, offset=None
+        )
+        torch.testing.assert_close(chunked, gathered[rank])
+
+
+def test_sigmoid_loss_trains_temperature_and_bias():
+    torch.manual_seed(5)
+    images, texts = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    log_t = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    bias = torch.nn.Parameter(torch.tensor(-10.0))
+    sigmoid_loss(images, texts, log_t, bias).backward()
+    # At b = -10 every pair looks negative: the positives pull the bias up, hard.
+    assert bias.grad is not None and bias.grad.item() < -0.5
+    assert log_t.grad is not None and log_t.grad.item() != 0
+
+
+def test_loss_defaults_follow_the_papers():
+    assert LOSS_DEFAULTS["contrastive"].init_temperature == 0.07
+    assert math.log(LOSS_DEFAULTS["contrastive"].max_logit_scale) == MAX_LOGIT_SCALE
+    assert LOSS_DEFAULTS["sigmoid"].init_temperature == 0.1  # t = 10
+    assert LOSS_DEFAULTS["sigmoid"].max_logit_scale == math.inf  # SigLIP does not clamp

@@ -1,10 +1,11 @@
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 
-from clipforge.models import create_model
+from clipforge.models import create_model, get_config
 from clipforge.models.layers import LayerNorm
 from clipforge.train.optim import WarmupCosine, make_optimizer, parameter_role, weight_decay_groups
 
@@ -58,3 +59,19 @@ def test_warmup_then_cosine():
     assert s(500) == pytest.approx(0.1)
     values = [s(i) for i in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_siglip_bias_is_not_decayed_and_frozen_parameters_are_left_out():
+    config = dataclasses.replace(get_config("ViT-Nano-16-64"), logit_bias=True)
+    model = create_model(config)
+    assert parameter_role(model, model.logit_bias) == "bias"
+    decay, no_decay = weight_decay_groups(model, 0.2)
+    assert any(p is model.logit_bias for p in no_decay["params"])
+    assert not any(p is model.logit_bias for p in decay["params"])
+    model.lock_tower("text")
+    model.logit_scale.requires_grad_(False)
+    optimizer = make_optimizer(model, 1e-3, 0.2, (0.9, 0.98), 1e-6)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = {id(p) for p in model.tower_parameters("text")} | {id(model.logit_scale)}
+    assert not held & frozen
+    assert held == {id(p) for p in model.parameters()} - frozen

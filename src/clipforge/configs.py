@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -172,6 +173,13 @@ def dump_toml(config: Any) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def _toml_value(value: Any) -> str:
+    # JSON spells most TOML values the same way; not infinities and NaN (e.g. an unclamped scale).
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
 def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
     scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
     if path:
@@ -180,7 +188,7 @@ def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> Non
         if v is None:
             lines.append(f"# {k} = (unset)")
         else:
-            lines.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
+            lines.append(f"{k} = {_toml_value(v)}")
     for k, v in table.items():
         if isinstance(v, dict):
             _dump_table(v, [*path, k], lines)

@@ -118,7 +118,9 @@ def describe(config: CLIPConfig) -> str:
         vision = f"ViT {v.image_size}px patch {v.patch_size} width {v.width} x{v.layers}"
     else:
         vision = f"ResNet {v.image_size}px width {v.width} stages {v.layers}"
-    return f"{vision}; text width {t.width} x{t.layers}, context {t.context_length}; embed {config.embed_dim}"
+    text = f"text width {t.width} x{t.layers}, context {t.context_length}"
+    bias = "; logit bias" if config.logit_bias else ""
+    return f"{vision}; {text}; embed {config.embed_dim}{bias}"
 
 
 def _listing(names: list[str], limit: int = 8) -> str:

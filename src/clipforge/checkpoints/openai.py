@@ -114,14 +114,18 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> CLIPConfig:
             "these are not CLIP weights in OpenAI's layout (no text_projection, no visual.*)"
         )
     vision = _vit(sd) if "visual.proj" in sd else _resnet(sd)
-    config = CLIPConfig(_get(sd, "text_projection").shape[1], vision, _text(sd))
-    return _registered_twin(config) or config
+    # "logit_bias": a model trained with the sigmoid loss (the key OpenCLIP uses).
+    embed_dim = _get(sd, "text_projection").shape[1]
+    config = CLIPConfig(embed_dim, vision, _text(sd), logit_bias="logit_bias" in sd)
+    twin = _registered_twin(config)
+    return dataclasses.replace(twin, logit_bias=config.logit_bias) if twin else config
 
 
 def _without_heads(config: CLIPConfig) -> Any:
-    # Shapes do not depend on head counts; compare everything else.
+    # Shapes do not depend on head counts; compare everything else (but the bias: any model may have one).
     vision = dataclasses.replace(config.vision, heads=0)
-    return dataclasses.replace(config, vision=vision, text=dataclasses.replace(config.text, heads=0))
+    text = dataclasses.replace(config.text, heads=0)
+    return dataclasses.replace(config, vision=vision, text=text, logit_bias=False)
 
 
 def _registered_twin(config: CLIPConfig) -> CLIPConfig | None:

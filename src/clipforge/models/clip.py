@@ -2,6 +2,9 @@
 
 The text tower lives directly on `CLIP` (not in a sub-module) because that is where OpenAI's weight files
 put it: `token_embedding.weight`, `transformer.resblocks.0...`, `ln_final`, `text_projection`.
+
+For training recipes beyond the paper's, a model can carry a SigLIP logit bias (`CLIPConfig.logit_bias`),
+drop patch tokens in training (`set_patch_dropout`) and keep a tower frozen (`lock_tower`, LiT).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from clipforge.models.config import CLIPConfig, get_config
 from clipforge.models.layers import LayerNorm, Transformer
 from clipforge.models.modified_resnet import ModifiedResNet
+from clipforge.models.patch_dropout import PatchDropout
 from clipforge.models.vision_transformer import VisionTransformer
 
 # Vision towers by `VisionConfig.kind`: architectures are chosen by config, never by model name.
@@ -22,12 +26,17 @@ VISION_TOWERS: dict[str, type[nn.Module]] = {"vit": VisionTransformer, "resnet":
 
 # The paper's initial temperature: logits are scaled by 1/0.07, learned in log space.
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
+# SigLIP's initial bias (Zhai et al. 2023, §3.2): every pair starts out looking negative, as nearly all are.
+INIT_LOGIT_BIAS = -10.0
+
+TOWERS = ("image", "text")
 
 
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
+        self.locked_towers: set[str] = set()  # see lock_tower
         self.visual = VISION_TOWERS[config.vision.kind](config.vision, config.embed_dim, config.activation)
 
         t = config.text
@@ -39,6 +48,8 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(t.width)
         self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.empty(()))
+        # Registered as None without the bias, so that state_dict() has exactly OpenAI's keys.
+        self.register_parameter("logit_bias", nn.Parameter(torch.empty(())) if config.logit_bias else None)
         self.init_weights()
 
     @torch.no_grad()
@@ -50,6 +61,8 @@ class CLIP(nn.Module):
         self.transformer.init_scaled_normal()
         nn.init.normal_(self.text_projection, std=width**-0.5)
         nn.init.constant_(self.logit_scale, INIT_LOGIT_SCALE)
+        if self.logit_bias is not None:
+            nn.init.constant_(self.logit_bias, INIT_LOGIT_BIAS)
         self.visual.init_weights()
 
     @property
@@ -61,6 +74,51 @@ class CLIP(nn.Module):
         self.transformer.grad_checkpointing = enable
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable
+
+    def set_patch_dropout(self, prob: float) -> None:
+        """Drop this fraction of the image's patch tokens in training mode (FLIP); 0 turns it off."""
+        if not isinstance(self.visual, VisionTransformer):
+            if prob == 0:
+                return
+            # A convolutional tower needs the whole pixel grid: it has no tokens to drop.
+            raise ValueError(
+                f"patch dropout needs a ViT image tower; this model's is a {type(self.visual).__name__}"
+            )
+        self.visual.patch_dropout = PatchDropout(prob)
+        self.visual.patch_dropout.train(self.visual.training)
+
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """The parameters of the "image" tower (`visual.*`, its projection included) or of the "text"
+        tower (embeddings, transformer, final LayerNorm and projection); the temperature and bias are
+        in neither."""
+        if tower == "image":
+            return list(self.visual.parameters())
+        if tower == "text":
+            modules = (self.token_embedding, self.transformer, self.ln_final)
+            bare = [self.positional_embedding, self.text_projection]
+            return [p for m in modules for p in m.parameters()] + bare
+        raise ValueError(f"unknown tower {tower!r}; expected one of {TOWERS}")
+
+    def _tower_modules(self, tower: str) -> tuple[nn.Module, ...]:
+        if tower == "image":
+            return (self.visual,)
+        return (self.token_embedding, self.transformer, self.ln_final)
+
+    def lock_tower(self, tower: str) -> None:
+        """Freeze a tower (LiT, Zhai et al. 2022): its parameters get no gradients (so an optimizer built
+        afterwards leaves them out) and it stays in eval mode whatever `train()` is told, so BatchNorm
+        statistics do not move and training-only layers (patch dropout) are off."""
+        for param in self.tower_parameters(tower):
+            param.requires_grad_(False)
+        self.locked_towers.add(tower)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for tower in self.locked_towers:
+            for module in self._tower_modules(tower):
+                module.eval()
+        return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalized pixels -> (B, embed_dim) image features, not L2-normalized."""
@@ -81,10 +139,16 @@ class CLIP(nn.Module):
         return self.ln_final(x) @ self.text_projection
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled cosine similarities: (logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img])."""
+        """Scaled cosine similarities: (logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img]).
+
+        With a logit bias (SigLIP) it is added, so `logits.sigmoid()` is the probability that a pair
+        matches; a softmax over either axis is unaffected by it.
+        """
         image_features = F.normalize(self.encode_image(images), dim=-1)
         text_features = F.normalize(self.encode_text(tokens), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.t()
 
 

@@ -55,6 +55,9 @@ class CLIPConfig:
     vision: VisionConfig
     text: TextConfig = field(default_factory=TextConfig)
     activation: str = "quick_gelu"  # the released models use QuickGELU; "gelu" for exact GELU
+    # A learned scalar added to the logits, for SigLIP's sigmoid loss (state-dict key "logit_bias", as in
+    # OpenCLIP). Off: the model has exactly the keys of OpenAI's weight files.
+    logit_bias: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +72,7 @@ class CLIPConfig:
             vision=VisionConfig(**vision),
             text=TextConfig(**d.get("text", {})),
             activation=d.get("activation", "quick_gelu"),
+            logit_bias=bool(d.get("logit_bias", False)),
         )
 
 

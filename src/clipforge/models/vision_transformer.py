@@ -1,4 +1,8 @@
-"""The ViT image tower: patches -> tokens, a class token, pre-LN transformer, class token -> embedding."""
+"""The ViT image tower: patches -> tokens, a class token, pre-LN transformer, class token -> embedding.
+
+Optional patch dropout (training only, off by default) thins the patch tokens after the positional
+embedding is added; see `patch_dropout.py`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from torch import nn
 
 from clipforge.models.config import VisionConfig
 from clipforge.models.layers import LayerNorm, Transformer
+from clipforge.models.patch_dropout import PatchDropout
 
 
 class VisionTransformer(nn.Module):
@@ -18,6 +23,7 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
+        self.patch_dropout = PatchDropout(0.0)  # off unless a training run sets it (no parameters)
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, int(cfg.layers), cfg.heads, cfg.mlp_ratio, activation)
         self.ln_post = LayerNorm(width)
@@ -36,5 +42,6 @@ class VisionTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+g*g, C)
+        x = self.patch_dropout(x)  # (B, 1+kept, C); the identity in eval mode
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj  # (B, output_dim)

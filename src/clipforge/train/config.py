@@ -7,6 +7,7 @@ them; the resolved config is written to the run directory as config.toml.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from clipforge.data.config import DataConfig
 
@@ -18,6 +19,41 @@ class ModelSection:
     tokenizer: str = ""  # "" = OpenAI's BPE; or a directory made by `clipforge tokenizer train`
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, more compute
     compile: bool = False  # torch.compile the model (helps on GPUs; measure before using on a CPU)
+    # FLIP: drop this fraction of the image's patch tokens in training (ViT only; eval sees all of them).
+    patch_dropout: float = 0.0
+    # LiT: freeze a tower (no gradients, not in the optimizer, kept in eval mode); use with `pretrained`.
+    lock_image: bool = False
+    lock_text: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.patch_dropout > 0 and self.lock_image:
+            # A locked tower runs in eval mode, where patch dropout is off: refuse what would do nothing.
+            raise ValueError(
+                "model.patch_dropout has no effect with model.lock_image (a locked tower is in eval mode)"
+            )
+
+
+@dataclass
+class LossConfig:
+    # "contrastive": CLIP's softmax over the batch (Radford et al. 2021); "sigmoid": SigLIP's per-pair
+    # sigmoid with a learned logit bias (Zhai et al. 2023). The model gets `logit_bias` only for "sigmoid".
+    name: Literal["contrastive", "sigmoid"] = "contrastive"
+    # Logits start scaled by 1/init_temperature. None: the loss's own (contrastive 0.07, sigmoid 0.1).
+    # A fresh model only: weights from `model.pretrained` keep their own temperature.
+    init_temperature: float | None = None
+    learn_temperature: bool = True  # false: the temperature stays at its initial value
+    # After every step the scale 1/temperature is clamped to at most this (the `logit_scale` of the
+    # metrics). None: the loss's own (contrastive 100, sigmoid no clamp).
+    max_logit_scale: float | None = None
+    init_bias: float = -10.0  # sigmoid only: the logit bias at the start (SigLIP's -10)
+
+    def __post_init__(self) -> None:
+        if self.init_temperature is not None and not self.init_temperature > 0:
+            raise ValueError(f"loss.init_temperature must be positive, got {self.init_temperature}")
+        if self.max_logit_scale is not None and not self.max_logit_scale >= 1:
+            raise ValueError(f"loss.max_logit_scale must be at least 1, got {self.max_logit_scale}")
 
 
 @dataclass
@@ -66,6 +102,7 @@ class RunConfig:
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,4 +1,4 @@
-"""The training loop: batches in, contrastive steps, metrics, checkpoints and zero-shot scores out.
+"""The training loop: batches in, loss steps, metrics, checkpoints and zero-shot scores out.
 
 `train(config)` is the whole run; each step of it is a small function below. Nothing here parses flags or
 knows about files beyond the run directory.
@@ -7,7 +7,6 @@ knows about files beyond the run directory.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import random
@@ -22,13 +21,14 @@ import torch.nn.functional as F
 
 from clipforge.configs import dump_toml, to_dict
 from clipforge.data import build_train_loader
-from clipforge.models import CLIP, create_model, get_config
+from clipforge.models import CLIP
 from clipforge.tokenizer import get_tokenizer
 from clipforge.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from clipforge.train.config import TrainConfig
 from clipforge.train.evaluation import make_evaluator
-from clipforge.train.loss import clamp_logit_scale, contrastive_loss
+from clipforge.train.loss import MAX_LOGIT_SCALE, clamp_logit_scale, contrastive_loss, sigmoid_loss
 from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
+from clipforge.train.model import build_model, max_log_scale
 from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer, set_lr
 from clipforge.train.progress import Progress
 
@@ -68,24 +68,6 @@ def setup_runtime(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.run.device)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> CLIP:
-    """The configured architecture, sized to the tokenizer's vocabulary and the data's context length."""
-    config = get_config(cfg.model.name)
-    text = dataclasses.replace(config.text, vocab_size=vocab_size, context_length=cfg.data.context_length)
-    model = create_model(dataclasses.replace(config, text=text))
-    if cfg.model.pretrained:
-        from clipforge.checkpoints import load
-
-        pretrained, _, _ = load(cfg.model.pretrained)
-        model.load_state_dict(pretrained.state_dict(), strict=True)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    if cfg.model.compile:
-        # Compile the towers in place (Module.compile): parameter names, and so checkpoints, are unchanged.
-        model.visual.compile()
-        model.transformer.compile()
-    return model
-
-
 def build_optimizer(cfg: TrainConfig, model: CLIP) -> torch.optim.AdamW:
     beta1, beta2, eps = PAPER_ADAM[model.config.vision.kind]
     o = cfg.optim
@@ -101,6 +83,15 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
     raise ValueError(f"run.precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
+def compute_loss(
+    model: CLIP, image_features: torch.Tensor, text_features: torch.Tensor, loss_name: str
+) -> torch.Tensor:
+    """The loss `loss_name` (`loss.name`) of normalized features, with the model's temperature (and bias)."""
+    if loss_name == "sigmoid":
+        return sigmoid_loss(image_features, text_features, model.logit_scale, model.logit_bias)
+    return contrastive_loss(image_features, text_features, model.logit_scale)
+
+
 def train_step(
     model: CLIP,
     optimizer: torch.optim.Optimizer,
@@ -109,8 +100,13 @@ def train_step(
     lr: float,
     precision: str,
     grad_clip: float,
+    loss_name: str = "contrastive",
+    max_log_scale: float = MAX_LOGIT_SCALE,
 ) -> StepResult:
-    """One optimizer step; a non-finite loss or gradient skips the update and reports `finite=False`."""
+    """One optimizer step; a non-finite loss or gradient skips the update and reports `finite=False`.
+
+    `max_log_scale` bounds `model.logit_scale` after the step (`loss.max_logit_scale`, as a log).
+    """
     set_lr(optimizer, lr)
     with autocast_for(precision, images.device):
         image_features = model.encode_image(images)
@@ -118,7 +114,7 @@ def train_step(
     # The loss in fp32 whatever the autocast precision: it is cheap and the softmax is sensitive.
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.float(), dim=-1)
-    loss = contrastive_loss(image_features, text_features, model.logit_scale)
+    loss = compute_loss(model, image_features, text_features, loss_name)
     if not torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss.item(), float("nan"), finite=False)
@@ -130,7 +126,7 @@ def train_step(
         return StepResult(loss.item(), grad_norm, finite=False)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale(model.logit_scale)
+    clamp_logit_scale(model.logit_scale, max_log_scale)
     return StepResult(loss.item(), grad_norm, finite=True)
 
 
@@ -176,6 +172,7 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg.model.tokenizer or None)
         self.model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
+        self.max_log_scale = max_log_scale(cfg.loss)
         s = cfg.schedule
         self.schedule = WarmupCosine(cfg.optim.lr, s.warmup_steps, s.steps, s.final_lr)
         image_size = self.model.config.vision.image_size
@@ -235,8 +232,17 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True)
         tokens = batch.tokens.to(self.device, non_blocking=True)
         lr = self.schedule(step)
+        cfg = self.cfg
         result = train_step(
-            self.model, self.optimizer, images, tokens, lr, self.cfg.run.precision, self.cfg.optim.grad_clip
+            self.model,
+            self.optimizer,
+            images,
+            tokens,
+            lr,
+            cfg.run.precision,
+            cfg.optim.grad_clip,
+            cfg.loss.name,
+            self.max_log_scale,
         )
         return result, images.shape[0]
 
@@ -263,6 +269,7 @@ class Trainer:
         self, step: int, result: StepResult, rate: float, metrics: MetricsLog, progress: Progress
     ) -> None:
         lr, scale = self.schedule(step - 1), self.model.logit_scale.exp().item()
+        bias = {} if self.model.logit_bias is None else {"logit_bias": self.model.logit_bias.item()}
         skipped = self.state["skipped"]
         progress.update(step, loss=result.loss, lr=lr, scale=scale, skipped=sum(skipped.values()), rate=rate)
         if step % self.cfg.run.log_every == 0 or step == self.cfg.schedule.steps:
@@ -271,6 +278,7 @@ class Trainer:
                 loss=result.loss,
                 lr=lr,
                 logit_scale=scale,
+                **bias,
                 grad_norm=result.grad_norm,
                 samples_per_s=rate,
                 skipped=dict(skipped),

@@ -16,11 +16,13 @@ PAPER_ADAM = {"vit": (0.9, 0.98, 1e-6), "resnet": (0.9, 0.999, 1e-8)}
 
 
 def parameter_role(module: nn.Module, param: nn.Parameter) -> str:
-    """What a parameter does: "gain" or "bias" of a normalization, "bias" (a vector added to an output),
-    "temperature" (a scalar such as logit_scale), or "weight" (a matrix or kernel that mixes features,
-    embeddings and projections included)."""
+    """What a parameter does: "gain" or "bias" of a normalization, "bias" (a vector added to an output, or
+    SigLIP's scalar `logit_bias` added to the logits), "temperature" (the scalar logit_scale), or
+    "weight" (a matrix or kernel that mixes features, embeddings and projections included)."""
     if isinstance(module, NORM_LAYERS):
         return "gain" if param is module.weight else "bias"
+    if param is getattr(module, "logit_bias", None):
+        return "bias"
     if param.ndim == 0:
         return "temperature"
     if param.ndim == 1:
