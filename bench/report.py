@@ -12,6 +12,7 @@ import inspect
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from bench import encoding, peak, pipeline, tokenizing, training
 from bench.envs import CONTENDERS
@@ -221,80 +222,30 @@ def markdown(rows: list[Row], meta: dict, plot_name: str | None, findings: str =
     return "\n".join(out)
 
 
+COLORS = {
+    "openclip": "tab:orange",
+    "hf": "tab:green",
+    "openai": "tab:purple",
+    "instant": "tab:brown",
+    "clipforge": "tab:blue",
+    "clipforge_peer_torch": "tab:cyan",
+}
+PEERS = ["openclip", "hf", "openai", "instant"]
+
+
 def plot(rows: list[Row], meta: dict, path: Path) -> None:
+    """Three panels: speed ratios to each peer, training memory by batch size, share of the matmul peak."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_ratio, ax_memory, ax_peak) = plt.subplots(1, 3, figsize=(18, 6.5), gridspec_kw={"wspace": 0.55})
-    peers = ["openclip", "hf", "openai", "instant"]
-    colors = {"openclip": "tab:orange", "hf": "tab:green", "openai": "tab:purple", "instant": "tab:brown"}
-    colors |= {"clipforge": "tab:blue", "clipforge_peer_torch": "tab:cyan"}
-
-    # 1. clipforge's speed over each peer's (best precision), with the min-max range of the ratio.
     ratio_rows = [r for r, _ in best_precision(rows)]
     ratio_rows += [r for r in rows if r.family == "data" or (r.family == "tokenizer" and "primed" in r.case)]
-    height = 0.8 / len(peers)
-    for j, peer in enumerate(peers):
-        ys, xs, lo, hi = [], [], [], []
-        for i, row in enumerate(ratio_rows):
-            r = row.ratio(OURS, peer)
-            if r is None:
-                continue
-            ours, theirs = row.results[OURS], row.results[peer]
-            ys.append(i + (j - (len(peers) - 1) / 2) * height)
-            xs.append(r)
-            lo.append(r - ours.low / theirs.high)
-            hi.append(ours.high / theirs.low - r)
-        if xs:
-            ax_ratio.barh(ys, xs, height, xerr=[lo, hi], color=colors[peer], label=LABELS[peer], capsize=2)
-    ax_ratio.axvline(1, color="black", lw=0.8)
-    ax_ratio.set_yticks(range(len(ratio_rows)), [f"{r.case}" for r in ratio_rows], fontsize=7)
-    ax_ratio.invert_yaxis()
-    ax_ratio.set_xscale("log")
-    ax_ratio.set_xlabel("clipforge throughput / peer throughput (>1: clipforge faster)")
-    ax_ratio.set_title("Speed relative to each peer (medians, min–max)")
-    ax_ratio.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-
-    # 2. Training memory against batch size, one line per library and architecture.
-    memory = [r for r in rows if r.family == "memory"]
-    for arch, style in zip(
-        sorted({r.case.split(" train")[0] for r in memory}), ("-o", "--s", ":^"), strict=False
-    ):
-        points = [(int(r.case.rsplit(" ", 1)[1]), r) for r in memory if r.case.startswith(arch + " ")]
-        for key in columns(memory):
-            xy = [(b, r.results[key].median) for b, r in points if key in r.results]
-            if xy:
-                ax_memory.plot(
-                    *zip(*xy, strict=True), style, color=colors[key], label=f"{LABELS[key]}, {arch}"
-                )
-    ax_memory.set_xscale("log", base=2)
-    ax_memory.set_xlabel("batch size")
-    ax_memory.set_ylabel("peak memory above the pre-step baseline (MiB)")
-    ax_memory.set_title("Training-step memory")
-    if memory:
-        ax_memory.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-
-    # 3. Share of the machine's matmul peak, best precision.
-    peak_rate = meta.get("peak_gflops")
-    mfu_rows = [r for r in ratio_rows if r.flops_per_item]
-    keys = [k for k in ORDER if any(k in r.results for r in mfu_rows)]
-    height = 0.8 / max(1, len(keys))
-    for j, key in enumerate(keys):
-        ys, xs = [], []
-        for i, row in enumerate(mfu_rows):
-            share = mfu(row, row.results[key], peak_rate) if key in row.results else None
-            if share is not None:
-                ys.append(i + (j - (len(keys) - 1) / 2) * height)
-                xs.append(100 * share)
-        ax_peak.barh(ys, xs, height, color=colors[key], label=LABELS[key])
-    ax_peak.set_yticks(range(len(mfu_rows)), [r.case for r in mfu_rows], fontsize=7)
-    ax_peak.invert_yaxis()
-    ax_peak.set_xlabel(f"% of matmul peak ({peak_rate:,.0f} GFLOP/s)" if peak_rate else "% of peak")
-    ax_peak.set_title("Model FLOP utilization (best precision)")
-    ax_peak.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
-
+    _plot_ratios(ax_ratio, ratio_rows)
+    _plot_memory(ax_memory, [r for r in rows if r.family == "memory"])
+    _plot_peak(ax_peak, [r for r in ratio_rows if r.flops_per_item], meta.get("peak_gflops"))
     envs, loads = meta["environments"], meta["load_average"]
     threads = meta["settings"]["threads"]
     title = (
@@ -305,6 +256,71 @@ def plot(rows: list[Row], meta: dict, path: Path) -> None:
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend_below(ax: Any) -> None:
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+
+
+def _plot_ratios(ax: Any, ratio_rows: list[Row]) -> None:
+    """clipforge's speed over each peer's (best precision), with the min-max range of the ratio."""
+    height = 0.8 / len(PEERS)
+    for j, peer in enumerate(PEERS):
+        ys, xs, lo, hi = [], [], [], []
+        for i, row in enumerate(ratio_rows):
+            r = row.ratio(OURS, peer)
+            if r is None:
+                continue
+            ours, theirs = row.results[OURS], row.results[peer]
+            ys.append(i + (j - (len(PEERS) - 1) / 2) * height)
+            xs.append(r)
+            lo.append(r - ours.low / theirs.high)
+            hi.append(ours.high / theirs.low - r)
+        if xs:
+            ax.barh(ys, xs, height, xerr=[lo, hi], color=COLORS[peer], label=LABELS[peer], capsize=2)
+    ax.axvline(1, color="black", lw=0.8)
+    ax.set_yticks(range(len(ratio_rows)), [f"{r.case}" for r in ratio_rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("clipforge throughput / peer throughput (>1: clipforge faster)")
+    ax.set_title("Speed relative to each peer (medians, min–max)")
+    _legend_below(ax)
+
+
+def _plot_memory(ax: Any, memory: list[Row]) -> None:
+    """Training memory against batch size, one line per library and architecture."""
+    architectures = sorted({r.case.split(" train")[0] for r in memory})
+    for arch, style in zip(architectures, ("-o", "--s", ":^"), strict=False):
+        points = [(int(r.case.rsplit(" ", 1)[1]), r) for r in memory if r.case.startswith(arch + " ")]
+        for key in columns(memory):
+            xy = [(b, r.results[key].median) for b, r in points if key in r.results]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), style, color=COLORS[key], label=f"{LABELS[key]}, {arch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("peak memory above the pre-step baseline (MiB)")
+    ax.set_title("Training-step memory")
+    if memory:
+        _legend_below(ax)
+
+
+def _plot_peak(ax: Any, mfu_rows: list[Row], peak_rate: float | None) -> None:
+    """Share of the machine's matmul peak, best precision."""
+    keys = [k for k in ORDER if any(k in r.results for r in mfu_rows)]
+    height = 0.8 / max(1, len(keys))
+    for j, key in enumerate(keys):
+        ys, xs = [], []
+        for i, row in enumerate(mfu_rows):
+            share = mfu(row, row.results[key], peak_rate) if key in row.results else None
+            if share is not None:
+                ys.append(i + (j - (len(keys) - 1) / 2) * height)
+                xs.append(100 * share)
+        ax.barh(ys, xs, height, color=COLORS[key], label=LABELS[key])
+    ax.set_yticks(range(len(mfu_rows)), [r.case for r in mfu_rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"% of matmul peak ({peak_rate:,.0f} GFLOP/s)" if peak_rate else "% of peak")
+    ax.set_title("Model FLOP utilization (best precision)")
+    _legend_below(ax)
 
 
 def to_json(rows: list[Row], meta: dict) -> str:

@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL
@@ -101,16 +102,11 @@ def _load_clipforge_transforms():
     return module
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-
+def reference_outputs(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[Image.Image]]:
+    """The fixture arrays: every case's image and OpenAI's `_transform(n)` output for each size."""
     import clip.clip  # the reference: OpenAI's _transform (torchvision Compose)
     import torchvision
-    import torchvision.transforms.functional as TF
 
-    rng = np.random.default_rng(SEED)
     arrays: dict[str, np.ndarray] = {
         "versions": np.array(
             f"torch {torch.__version__}; torchvision {torchvision.__version__}; "
@@ -133,31 +129,32 @@ def main() -> None:
             out = references[n](image)
             assert out.dtype == torch.float32 and out.shape == (3, n, n), (mode, size, out.shape)
             arrays[f"case{i}_out{n}"] = out.numpy()
+    return arrays, images
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.1f} KiB, {len(CASES)} cases x {SIZES})")
-    print(arrays["versions"])
 
-    cf = _load_clipforge_transforms()
-    exact = close = 0
-    worst = 0.0
+def check_eval(cf: Any, images: list[Image.Image], arrays: dict[str, np.ndarray]) -> bool:
+    """clipforge's eval transform against the reference outputs: True if every case is bit-exact."""
+    exact, worst = 0, 0.0
     for i, image in enumerate(images):
         for n in SIZES:
             ours = cf.EvalTransform(n)(image)
             ref = torch.from_numpy(arrays[f"case{i}_out{n}"])
-            diff = float((ours - ref).abs().max())
-            worst = max(worst, diff)
+            worst = max(worst, float((ours - ref).abs().max()))
             exact += bool(torch.equal(ours, ref))
-            close += diff <= 1e-7
     total = len(images) * len(SIZES)
     print(f"clipforge eval vs OpenAI (reference torch): {exact}/{total} bit-exact, max |diff| {worst:g}")
+    return exact == total
 
-    # Train path: for a given box, clipforge's crop -> resize -> RGB -> tensor -> normalize should equal
-    # torchvision's resized_crop followed by OpenAI's tail (what OpenCLIP's train transform does).
+
+def check_train(cf: Any, images: list[Image.Image]) -> bool:
+    """For a given box, clipforge's crop -> resize -> RGB -> tensor -> normalize should equal torchvision's
+    resized_crop followed by OpenAI's tail (what OpenCLIP's train transform does)."""
+    import clip.clip
+    import torchvision.transforms.functional as TF
+
     tail = clip.clip._transform(16).transforms[2:]
     gen = torch.Generator().manual_seed(0)
-    train_exact = train_total = 0
+    exact = total = 0
     for image in images:
         for _ in range(3):
             left, top, cw, ch = cf.sample_crop_box(image.width, image.height, (0.9, 1.0), (3 / 4, 4 / 3), gen)
@@ -166,10 +163,24 @@ def main() -> None:
                 ref = t(ref)
             t = cf.TrainTransform(16, seed=1)
             t.crop_box = lambda w, h, key=None, box=(left, top, cw, ch): box  # pin the box
-            train_exact += bool(torch.equal(t(image), ref))
-            train_total += 1
-    print(f"clipforge train crop+resize vs torchvision resized_crop: {train_exact}/{train_total} bit-exact")
-    if exact != total or train_exact != train_total:
+            exact += bool(torch.equal(t(image), ref))
+            total += 1
+    print(f"clipforge train crop+resize vs torchvision resized_crop: {exact}/{total} bit-exact")
+    return exact == total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+
+    arrays, images = reference_outputs(np.random.default_rng(SEED))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out, **arrays)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.1f} KiB, {len(CASES)} cases x {SIZES})")
+    print(arrays["versions"])
+    cf = _load_clipforge_transforms()
+    if not (check_eval(cf, images, arrays) & check_train(cf, images)):  # &: run and report both
         sys.exit(1)
 
 
