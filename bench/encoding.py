@@ -2,7 +2,11 @@
 
 Every library builds the same architecture with random weights (`bench.libraries`) and encodes the same
 inputs: random pixels, and full-length texts (77 tokens: CLIP's text tower always runs its whole context).
-bf16 means autocast with fp32 weights, as a training run's evaluation would use it. RN50's text tower is
+bf16 means autocast with fp32 weights, as a training run's evaluation would use it; int8 is clipforge's opt-in
+int8 inference copy (`clipforge.models.int8`: int8 linear layers, everything else fp32). For both, the note
+gives the smallest cosine similarity between the outputs and the same library's fp32 outputs on the same
+inputs; with random weights, which lack the outlier activations of trained CLIP models, so on released
+weights int8 may agree less. RN50's text tower is
 ViT-B/32's (same widths and depths; only the final projection differs: 512 -> 1024 instead of 512 -> 512),
 so text is measured once, on ViT-B/32.
 """
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from bench import libraries
 from bench.envs import CLIPFORGE, CONTENDERS, PEERS, Contender, Pool
@@ -26,7 +31,7 @@ MAINTAINED = (CLIPFORGE, *(c for c in PEERS if c.lib != "openai"))
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
@@ -36,16 +41,19 @@ def make_case(
 ) -> tuple[Callable[[], object], dict]:
     """Worker side: a callable that encodes one batch (the model is shared by the cases of one arch)."""
     a = ARCHS[arch]
-    built = libraries.cached(lib, a, device)
+    built = libraries.cached(lib, a, device, int8=precision == "int8")
     built.model.eval()
-    encode = built.encode_image if tower == "image" else built.encode_text
     inputs = make_images(a, batch, device) if tower == "image" else make_tokens(a, batch, device)
 
-    def call() -> None:
+    def encode(built: libraries.Built, precision: str) -> torch.Tensor:
         with torch.inference_mode(), autocast(precision, device):
-            encode(inputs)
+            return (built.encode_image if tower == "image" else built.encode_text)(inputs)
 
-    return call, {"items": batch, **libraries.describe(built)}
+    info = {"items": batch, **libraries.describe(built)}
+    if precision != "fp32":
+        fp32 = encode(libraries.cached(lib, a, device), "fp32").float()
+        info["cosine_to_fp32"] = float(F.cosine_similarity(encode(built, precision).float(), fp32).min())
+    return lambda: encode(built, precision), info
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,15 +87,18 @@ def plan(device: str, scope: str) -> list[Cell]:
     cells = []
     for arch, tower in (("ViT-B-32", "image"), ("ViT-B-32", "text"), ("RN50", "image")):
         for batch in (1, 32):
-            for precision in ("fp32", "bf16"):
-                if _on_cpu(scope, (arch, tower) == ("ViT-B-32", "image"), batch, precision):
-                    contenders = CONTENDERS if precision == "fp32" else MAINTAINED
+            for precision in ("fp32", "bf16", "int8"):
+                if _on_cpu(scope, arch, tower, batch, precision):
+                    contenders = {"fp32": CONTENDERS, "bf16": MAINTAINED, "int8": (CLIPFORGE,)}[precision]
                     cells.append(Cell(arch, tower, batch, precision, contenders))
     return cells
 
 
-def _on_cpu(scope: str, main: bool, batch: int, precision: str) -> bool:
-    """Whether a CPU run measures a cell; `main`: the ViT-B/32 image tower."""
+def _on_cpu(scope: str, arch: str, tower: str, batch: int, precision: str) -> bool:
+    """Whether a CPU run measures a cell."""
+    main = (arch, tower) == ("ViT-B-32", "image")
+    if precision == "int8":  # the ViTs: in RN50's image tower the convolutions, which stay fp32, dominate
+        return arch.startswith("ViT") and (scope != "quick" or main)
     if scope == "complete":
         return True
     if precision == "bf16" and batch > 1:  # slow without native bf16 (see the matmul peak): ~3 min more
@@ -111,6 +122,11 @@ def run(pool: Pool) -> list[Row]:
         results = {k: m.seconds.map(lambda t, n=m.info["items"]: n / t) for k, m in measured.items()}
         row = Row("encode", cell.case, unit, results, precision=cell.precision, flops_per_item=flops[key])
         row.best_of = cell.case
+        labels = {c.key: c.label for c in cell.contenders}
+        agreement = {k: m.info["cosine_to_fp32"] for k, m in measured.items() if "cosine_to_fp32" in m.info}
+        if agreement:
+            shown = ", ".join(f"{labels[k]} {c:.5f}" for k, c in agreement.items())
+            row.note = f"{cell.case}, {cell.precision} vs fp32 outputs, min cosine: {shown}"
         row.check_parameters({k: m.info["parameters"] for k, m in measured.items()})
         rows.append(row)
         print(row.brief(), flush=True)

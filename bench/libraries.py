@@ -135,16 +135,29 @@ def build(lib: str, arch: Arch, device: str) -> Built:
     return built
 
 
-_cache: dict[tuple[str, str, str], Built] = {}
+_cache: dict[tuple[str, str, str, bool], Built] = {}
 
 
-def cached(lib: str, arch: Arch, device: str) -> Built:
-    """`build`, keeping one model at a time: the encode cases of one architecture share it."""
-    key = (lib, arch.name, device)
+def cached(lib: str, arch: Arch, device: str, int8: bool = False) -> Built:
+    """`build`, keeping one architecture at a time: the encode cases of one architecture share it.
+
+    `int8`: clipforge's opt-in int8 inference copy of the same model (`clipforge.models.int8`).
+    """
+    key = (lib, arch.name, device, int8)
     if key not in _cache:
-        _cache.clear()
-        _cache[key] = build(lib, arch, device)
+        if not any(k[:3] == key[:3] for k in _cache):
+            _cache.clear()
+        _cache[key] = int8_copy(cached(lib, arch, device)) if int8 else build(lib, arch, device)
     return _cache[key]
+
+
+def int8_copy(built: Built) -> Built:
+    if not hasattr(built.model, "encode_image") or not hasattr(built.model, "config"):
+        raise Unsupported("int8 inference is clipforge's opt-in mode; other libraries are measured without")
+    from clipforge.models.int8 import quantize_int8
+
+    m = quantize_int8(built.model)
+    return Built(m, m.encode_image, m.encode_text, lambda: m.logit_scale)
 
 
 def clear_cache() -> None:

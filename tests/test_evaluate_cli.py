@@ -69,3 +69,19 @@ def test_errors_are_reported_not_raised(eval_files, tmp_path, capsys):
     code = main(["eval", "zeroshot", "--model", str(eval_files["model"]), "--data", missing,
                  "--classes", str(eval_files["classes"]), *COMMON])  # fmt: skip
     assert code == 2 and "not found" in capsys.readouterr().out
+
+
+def test_int8_evaluates_the_quantized_copy_and_caches_it_apart(eval_files, tmp_path):
+    results = {}
+    for flags in ([], ["--int8"]):
+        out = tmp_path / f"r{len(flags)}.json"
+        code = main(
+            ["eval", "retrieval", "--model", str(eval_files["model"]), "--data", str(eval_files["eval"]),
+             "--caption-key", "json:label", "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
+             *flags, *COMMON]
+        )  # fmt: skip
+        assert code == 0
+        results[bool(flags)] = json.loads(out.read_text())["metrics"]
+    cached = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(cached) == 4  # image and text features, fp32 and int8: neither reused the other's
+    assert results[True].keys() == results[False].keys()

@@ -5,9 +5,18 @@ directory), then `model.encode_image(preprocess(image)[None])` and `model.encode
 """
 
 from clipforge.checkpoints import load, save
-from clipforge.models import CLIP, CLIPConfig, available_models, create_model
+from clipforge.models import CLIP, CLIPConfig, available_models, create_model, quantize_int8
 from clipforge.tokenizer import get_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["CLIP", "CLIPConfig", "available_models", "create_model", "get_tokenizer", "load", "save"]
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "available_models",
+    "create_model",
+    "get_tokenizer",
+    "load",
+    "quantize_int8",
+    "save",
+]

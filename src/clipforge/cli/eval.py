@@ -65,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--cache-dir", default="", help="overrides the suite's cache_dir")
     s.add_argument("--no-cache", action="store_true", help="compute every feature, store nothing")
     s.add_argument("--device", default="", help="overrides the suite's device")
+    s.add_argument("--int8", action="store_true", help="evaluate the int8 inference copy of the model")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=run_suite_command)
 
@@ -76,6 +77,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (0: decode in-process)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--int8", action="store_true", help="evaluate the int8 inference copy of the model")
     p.add_argument("--cache-dir", default="", help="cache features here (default: no cache)")
     p.add_argument("--json", default="", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -115,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     cache = FeatureCache(args.cache_dir) if args.cache_dir else None
     settings = {"batch_size": args.batch_size, "workers": args.workers, "device": args.device}
     try:
-        evaluator = Evaluator.load(args.model, cache=cache, progress=not args.no_progress, **settings)
+        evaluator = Evaluator.load(
+            args.model, int8=args.int8, cache=cache, progress=not args.no_progress, **settings
+        )
         result = run_task(evaluator, task, confusion=bool(getattr(args, "confusion", "")))
     except (OSError, ValueError) as e:
         print(f"clipforge eval {args.kind}: {e}")
@@ -145,6 +149,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
         suite.cache_dir = args.cache_dir or suite.cache_dir
         suite.cache = suite.cache and not args.no_cache
         suite.device = args.device or suite.device
+        suite.int8 = suite.int8 or args.int8
         outcome = run_suite(suite, progress=not args.no_progress)
     except (ConfigError, OSError, ValueError) as e:
         print(f"clipforge eval suite: {e}")

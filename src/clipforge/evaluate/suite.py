@@ -44,6 +44,7 @@ class SuiteConfig:
     batch_size: int = 256
     workers: int = 2
     device: str = "cpu"
+    int8: bool = False  # evaluate the opt-in int8 inference copy of the model (models/int8.py)
     task: list[TaskConfig] = field(default_factory=list)
 
 
@@ -69,7 +70,7 @@ def run_suite(suite: SuiteConfig, evaluator: Evaluator | None = None, progress: 
         if not suite.model:
             raise ConfigError("the suite names no model: set `model` or pass --model")
         settings = {"batch_size": suite.batch_size, "workers": suite.workers, "device": suite.device}
-        evaluator = Evaluator.load(suite.model, cache=cache, progress=progress, **settings)
+        evaluator = Evaluator.load(suite.model, int8=suite.int8, cache=cache, progress=progress, **settings)
     elif evaluator.cache is None:
         evaluator.cache = cache
     results = []

@@ -50,12 +50,19 @@ class Evaluator:
     cache: FeatureCache | None = None
 
     @classmethod
-    def load(cls, name_or_path: str, **settings: Any) -> Evaluator:
-        """Whatever `clipforge.load` takes: a release name, a clipforge or checkpoint directory, a file."""
+    def load(cls, name_or_path: str, int8: bool = False, **settings: Any) -> Evaluator:
+        """Whatever `clipforge.load` takes: a release name, a clipforge or checkpoint directory, a file.
+
+        `int8`: evaluate the opt-in int8 inference copy (`clipforge.models.int8`), to see what it costs.
+        """
         from clipforge.checkpoints import load
+        from clipforge.models.int8 import quantize_int8
 
         model, _, tokenizer = load(name_or_path, device=settings.get("device", "cpu"))
-        return cls(model, tokenizer, model_id=model_fingerprint(name_or_path), **settings)
+        model_id = model_fingerprint(name_or_path)
+        if int8:
+            model, model_id = quantize_int8(model), f"{model_id}-int8"  # int8 features are cached apart
+        return cls(model, tokenizer, model_id=model_id, **settings)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts, context_length=self.model.context_length, truncate=True)

@@ -2,6 +2,7 @@
 
 from clipforge.models.clip import CLIP, create_model
 from clipforge.models.config import CLIPConfig, TextConfig, VisionConfig, available_models, get_config
+from clipforge.models.int8 import quantize_int8
 
 __all__ = [
     "CLIP",
@@ -11,4 +12,5 @@ __all__ = [
     "available_models",
     "create_model",
     "get_config",
+    "quantize_int8",
 ]

@@ -57,9 +57,12 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        qkv = self.project_qkv(x)
         qkv = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # (B, H, T, D)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))

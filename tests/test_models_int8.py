@@ -1,0 +1,50 @@
+"""Opt-in int8 inference (models/int8.py): exact where int8 is exact, close to fp32 elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clipforge.models import create_model, get_config
+from clipforge.models.int8 import Int8Attention, Int8Linear, quantize_int8
+
+
+def test_int8_linear_is_exact_on_values_int8_represents() -> None:
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (24, 40), generator=g).float()
+    weight[:, 0] = 127  # every row's max is 127: its scale is exactly 1
+    x = torch.randint(-127, 128, (2, 5, 40), generator=g).float()
+    x[..., 0] = -127
+    bias = torch.randn(24, generator=g)
+    layer = Int8Linear(weight, bias)
+    assert torch.equal(layer(x), F.linear(x.double(), weight.double(), bias.double()).float())
+
+
+def test_int8_linear_is_close_to_fp32_on_random_values() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    x = torch.randn(4, 7, 256)
+    y, y8 = linear(x), Int8Linear.from_linear(linear)(x)
+    assert y8.shape == y.shape and y8.dtype == torch.float32
+    assert (y8 - y).norm() / y.norm() < 0.01
+
+
+@pytest.mark.parametrize("name", ["ViT-Micro-16-32", "RN-Tiny-64"])
+def test_quantized_model_encodes_close_to_fp32(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(get_config(name)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantized = quantize_int8(model)
+    size = model.config.vision.image_size
+    images = torch.randn(3, 3, size, size)
+    tokens = torch.randint(1, 1000, (3, model.config.text.context_length))
+    with torch.no_grad():
+        for encode, inputs in (("encode_image", images), ("encode_text", tokens)):
+            ours, fp32 = getattr(quantized, encode)(inputs), getattr(model, encode)(inputs)
+            assert F.cosine_similarity(ours, fp32, dim=-1).min() > 0.99, encode
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    linears = [m for m in quantized.modules() if isinstance(m, nn.Linear)]
+    assert not linears and any(isinstance(m, Int8Attention) for m in quantized.modules())
+    assert not any(p.requires_grad for p in quantized.parameters()) and not quantized.training
