@@ -17,6 +17,9 @@ torch_spec="${TORCH:-torch==2.14.1 torchvision==0.29.1}"
 peers_spec="${PEERS:-open_clip_torch==3.3.0 transformers==5.24.0 clip-anytorch==2.6.0 instant-clip-tokenizer==0.1.1}"
 # OpenAI's clip imports pkg_resources, which setuptools 81 removed.
 peers_spec="$peers_spec setuptools<81"
+# OpenCLIP's trainer (bench/openclip_baseline.py) needs these; open_clip_train 3.3.0 fails with
+# webdataset >= 0.2.96 (KeyError 'fname' on its end-of-shard marker: webdataset#384, open_clip#935).
+peers_spec="$peers_spec braceexpand pandas webdataset==0.2.86"
 # clipforge's runtime dependencies (pyproject.toml), minus webdataset/matplotlib/tqdm: the suite's driver
 # and the data-pipeline benchmark run in clipforge's own environment.
 clipforge_deps="numpy pillow safetensors tokenizers ftfy regex"
@@ -32,7 +35,7 @@ pip=("$env_dir/bin/python" -m pip install --quiet)
 "${pip[@]}" $peers_spec $clipforge_deps
 
 "$env_dir/bin/python" - <<'PY'
-import clip, instant_clip_tokenizer, open_clip, torch, torchvision, transformers  # noqa: F401
+import clip, instant_clip_tokenizer, open_clip, open_clip_train, torch, torchvision, transformers  # noqa: F401
 print(f"ok: torch {torch.__version__}, torchvision {torchvision.__version__}, open_clip {open_clip.__version__}, "
       f"transformers {transformers.__version__}")
 PY
