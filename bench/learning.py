@@ -3,6 +3,8 @@ by the same protocol as the OpenCLIP baseline (bench/openclip_baseline.py).
 
     python -m bench.learning --steps 300 --variants base sigmoid "best=--optim.lr 1e-3 --loss.name sigmoid"
     python -m bench.learning --table-only --out runs/ablations --table docs/results/learning-ablations.md
+    python -m bench.learning --plot docs/results/learning-curves.png \
+        --curves "ours=runs/pictext-best/metrics.jsonl" "OpenCLIP=runs/openclip-baseline/openclip/out.log"
 
 Each run is `clipforge train RECIPE <the variant's flags>` followed by
 `clipforge eval suite configs/eval-pictext.toml` on its last checkpoint. A run whose results already exist
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +42,9 @@ VARIANTS: dict[str, list[str]] = {
     "temperature-0.03": ["--loss.init_temperature", "0.03"],  # start sharper (scale 33)
 }
 
+# OpenCLIP's training log line: "Train Epoch: 0 [ 1408/76800 (2%)] ... Loss: 4.7907 (4.8872)".
+OPENCLIP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(?P<samples>\d+)/\d+.*?\bLoss: (?P<loss>[\d.]+)")
+
 HEADLINE = {  # column -> (task name in configs/eval-pictext.toml, metric)
     "zero-shot top-1": ("emoji zero-shot", "top1"),
     "zero-shot top-5": ("emoji zero-shot", "top5"),
@@ -58,7 +64,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/ablations"))
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
     parser.add_argument("--table-only", action="store_true", help="collect existing results, train nothing")
+    parser.add_argument("--plot", type=Path, help="draw the loss curves of --curves into this PNG, then stop")
+    parser.add_argument("--curves", nargs="*", default=[], help="'label=metrics.jsonl' or 'label=out.log'")
     return parser.parse_args(argv)
+
+
+def loss_curve(path: Path) -> tuple[list[float], list[float]]:
+    """(steps, losses) from a clipforge metrics.jsonl, or from an OpenCLIP out.log."""
+    if path.suffix == ".jsonl":
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        points = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+    else:
+        found = [OPENCLIP_LINE.search(line) for line in path.read_text().splitlines()]
+        batch = int(args_value(path, "batch_size"))
+        points = [(int(m["samples"]) / batch, float(m["loss"])) for m in found if m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def args_value(log: Path, name: str) -> str:
+    """A value from the params.txt OpenCLIP writes beside its out.log."""
+    for line in (log.parent / "params.txt").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    raise KeyError(f"{name} not in {log.parent / 'params.txt'}")
+
+
+def plot_curves(curves: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for spec in curves:
+        label, _, file = spec.partition("=")
+        ax.plot(*loss_curve(Path(file)), label=label, lw=1.2)
+    ax.set_xlabel("optimizer step (batch 128)")
+    ax.set_ylabel("training loss (contrastive, per batch)")
+    ax.set_title("pictext: training loss at the same budget")
+    ax.legend()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def variant_flags(spec: str) -> tuple[str, list[str]]:
@@ -130,6 +177,9 @@ def table(out: Path, specs: list[str], seeds: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot:
+        plot_curves(args.curves, args.plot)
+        return 0
     bpe = ROOT.parent / "shared" / "assets" / "bpe_simple_vocab_16e6.txt.gz"
     if bpe.exists():
         os.environ.setdefault("CLIPFORGE_BPE_PATH", str(bpe))
