@@ -9,7 +9,7 @@ ifneq ($(wildcard $(SHARED_BPE)),)
 export CLIPFORGE_BPE_PATH ?= $(SHARED_BPE)
 endif
 
-.PHONY: setup test lint demo
+.PHONY: setup test lint demo pictext
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,3 +28,8 @@ lint: setup
 
 demo: setup
 	$(BIN)/clipforge train configs/quickstart.toml
+
+# The real-data recipe (docs/learning.md): ViT-Mini on ../shared/data/pictext, then the emoji evaluation.
+pictext: setup
+	$(BIN)/clipforge train configs/pictext-tiny.toml
+	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-tiny/step-00000600
