@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from clipforge.data import SKIP_REASONS, DataConfig, TrainData, build_train_loader
+from clipforge.data.samples import choose_caption
 from clipforge.data.webdataset import count_samples, shuffle_buffer
 from helpers import captions_of, stub_tokenizer
 
@@ -238,6 +239,7 @@ def test_shuffle_buffer_is_a_seeded_permutation():
         ({"source": "csv", "path": "x.csv", "csv_separator": ";;"}, "data.csv_separator"),
         ({"synthetic_samples": 10, "batch_size": 20}, "data.synthetic_samples"),
         ({"image_extensions": " , "}, "data.image_extensions"),
+        ({"captions": "first"}, "data.captions"),
     ],
 )
 def test_config_rejects_values_that_cannot_work(fields, message):
@@ -250,3 +252,27 @@ def test_config_separator_defaults():
     assert DataConfig(source="csv", path="a.csv").separator() == ","
     assert DataConfig(source="csv", path="a.csv", csv_separator="tab").separator() == "\t"
     assert DataConfig(source="csv", path="a.csv", csv_separator=";").separator() == ";"
+
+
+def test_choose_caption_picks_one_line_per_key_reproducibly():
+    text = "a red bus\n\n  a bus on a street \nbus"
+    assert choose_caption(text, 1, "all") == text and choose_caption("one line", 1, "sample") == "one line"
+    picked = [choose_caption(text, key, "sample") for key in range(60)]
+    assert set(picked) == {"a red bus", "a bus on a street", "bus"}  # blank lines are never picked
+    assert picked == [choose_caption(text, key, "sample") for key in range(60)]
+    with pytest.raises(ValueError, match="caption choice"):
+        choose_caption(text, 1, "first")
+
+
+def test_caption_sampling_trains_on_one_caption_per_sample_and_epoch(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(image_bytes(i))
+        (tmp_path / f"{i}.txt").write_text("".join(f"picture {i} caption {c}\n" for c in range(3)))
+    cfg = DataConfig(source="folder", path=str(tmp_path), batch_size=4, captions="sample")
+    epochs = [sorted(captions_of(batch.tokens)) for batch in collect(cfg, 6)]  # 6 epochs of one batch
+    for captions in epochs:
+        assert [c.rsplit(" caption ", 1)[0] for c in captions] == [f"picture {i}" for i in range(4)]
+    assert len({tuple(c) for c in epochs}) > 1  # other epochs, other captions
+    assert epochs == [sorted(captions_of(batch.tokens)) for batch in collect(cfg, 6)]  # reproducible
+    whole = collect(DataConfig(source="folder", path=str(tmp_path), batch_size=4), 1)[0]
+    assert all(c.count("caption") == 3 for c in captions_of(whole.tokens))  # "all": the whole text

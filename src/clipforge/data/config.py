@@ -29,6 +29,9 @@ class DataConfig:
     shuffle_buffer: int = 2000  # webdataset: samples shuffled across in a buffer; 0 = shard order only
     image_extensions: str = "jpg,jpeg,png,webp"  # webdataset keys / folder file suffixes that hold images
     caption_extension: str = "txt"  # webdataset key / folder file suffix that holds the caption
+    # A caption text of several lines: "all" trains on the whole text, "sample" on one line per sample and
+    # epoch, chosen reproducibly (for data with several captions per image, e.g. COCO's five).
+    captions: str = "all"
     csv_image_column: str = "filepath"  # csv: column with image paths (relative ones: to the CSV's folder)
     csv_caption_column: str = "caption"  # csv: column with the captions
     csv_separator: str = ""  # csv: one character; "" = tab for .tsv, comma otherwise ("tab" or "\t" work)
@@ -54,6 +57,8 @@ class DataConfig:
             )
         if not self.image_suffixes():
             raise ValueError("data.image_extensions names no extension")
+        if self.captions not in ("all", "sample"):
+            raise ValueError(f"data.captions must be 'all' or 'sample', got {self.captions!r}")
         if not self.caption_extension.strip(". "):
             raise ValueError("data.caption_extension is empty")
         if self.source == "csv":

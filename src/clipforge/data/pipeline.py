@@ -42,6 +42,7 @@ from clipforge.data.samples import (
     SKIP_REASONS,
     RawSample,
     Skip,
+    choose_caption,
     derive_seed,
     read_caption,
 )
@@ -95,12 +96,18 @@ class BatchMaker:
     """Turns a list of raw samples into a `Batch`; runs in the worker processes (picklable)."""
 
     def __init__(
-        self, transform: Transform, tokenizer: Tokenizer, image_size: int, context_length: int
+        self,
+        transform: Transform,
+        tokenizer: Tokenizer,
+        image_size: int,
+        context_length: int,
+        captions: str = "all",
     ) -> None:
         self.transform = transform
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.context_length = context_length
+        self.captions = captions  # DataConfig.captions: "all" or "sample" (one line of several)
         self._warned: set[str] = set()
 
     def __call__(
@@ -122,7 +129,7 @@ class BatchMaker:
 
     def decode(self, raw: RawSample, key: int) -> tuple[torch.Tensor, str]:
         """One sample -> (image tensor, caption); raises `Skip` when it cannot be used."""
-        caption = read_caption(raw.caption)
+        caption = choose_caption(read_caption(raw.caption), key, self.captions)
         if raw.image is None:
             raise Skip(MISSING_IMAGE)
         try:
@@ -295,7 +302,8 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, image_size: int, s
     source = build_source(cfg, image_size, seed)
     if not isinstance(source, ShardSource) and len(source) < cfg.batch_size:
         raise ValueError(f"{source!r} has {len(source)} samples, fewer than data.batch_size={cfg.batch_size}")
-    make = BatchMaker(_transform(cfg, image_size, seed), tokenizer, image_size, cfg.context_length)
+    transform = _transform(cfg, image_size, seed)
+    make = BatchMaker(transform, tokenizer, image_size, cfg.context_length, cfg.captions)
     return TrainData(cfg, source, make, seed)
 
 

@@ -45,6 +45,24 @@ def read_caption(caption: str | bytes | None) -> str:
     return caption.strip()
 
 
+CAPTION_CHOICES = ("all", "sample")
+
+
+def choose_caption(text: str, key: int, choice: str = "all") -> str:
+    """The caption to train on, for a sample whose text may hold several captions, one per line.
+
+    "all": the whole text (the lines join into one caption: the tokenizer's cleaning turns newlines into
+    spaces). "sample": one non-empty line, picked by ``key`` (the sample's per-epoch augmentation key), so
+    each epoch may see a different caption of the same image, reproducibly and whatever the worker.
+    """
+    if choice == "all" or "\n" not in text:
+        return text
+    if choice != "sample":
+        raise ValueError(f"caption choice must be one of {CAPTION_CHOICES}, got {choice!r}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[derive_seed("caption", key) % len(lines)]
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed that depends on every part and their order, identical in every process and run.
 
