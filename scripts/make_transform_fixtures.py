@@ -11,7 +11,8 @@ clipforge reproduces the outputs bit for bit.
 
 If the reference venv can import clipforge.transforms' dependencies (torch, numpy, PIL) it also
 cross-checks clipforge here, under the reference torch, and compares the train transform's crop+resize
-against torchvision's ``resized_crop`` for a few boxes. Nothing from torchvision ends up in clipforge.
+against torchvision's ``resized_crop`` for a few boxes (within 2 levels). Nothing from torchvision ends
+up in clipforge.
 """
 
 from __future__ import annotations
@@ -147,14 +148,19 @@ def check_eval(cf: Any, images: list[Image.Image], arrays: dict[str, np.ndarray]
 
 
 def check_train(cf: Any, images: list[Image.Image]) -> bool:
-    """For a given box, clipforge's crop -> resize -> RGB -> tensor -> normalize should equal torchvision's
-    resized_crop followed by OpenAI's tail (what OpenCLIP's train transform does)."""
+    """For a given box, clipforge's crop -> RGB -> resize -> tensor -> normalize should be within 2 levels
+    of torchvision's resized_crop followed by OpenAI's tail (what OpenCLIP's train transform does).
+
+    Not bit-exact for RGB and L images: clipforge resizes those with torch's uint8 bicubic kernel, which
+    rounds differently from PIL's. Other modes go through PIL's resize, as in torchvision.
+    """
     import clip.clip
     import torchvision.transforms.functional as TF
 
     tail = clip.clip._transform(16).transforms[2:]
     gen = torch.Generator().manual_seed(0)
-    exact = total = 0
+    worst = 0.0
+    total = 0
     for image in images:
         for _ in range(3):
             left, top, cw, ch = cf.sample_crop_box(image.width, image.height, (0.9, 1.0), (3 / 4, 4 / 3), gen)
@@ -163,10 +169,15 @@ def check_train(cf: Any, images: list[Image.Image]) -> bool:
                 ref = t(ref)
             t = cf.TrainTransform(16, seed=1)
             t.crop_box = lambda w, h, key=None, box=(left, top, cw, ch): box  # pin the box
-            exact += bool(torch.equal(t(image), ref))
+            std = torch.tensor(cf.OPENAI_STD).view(3, 1, 1)
+            diff = float(((t(image) - ref).abs() * std * 255).max())
+            worst = max(worst, diff)
             total += 1
-    print(f"clipforge train crop+resize vs torchvision resized_crop: {exact}/{total} bit-exact")
-    return exact == total
+    print(
+        f"clipforge train crop+resize vs torchvision resized_crop: max |diff| {worst:.2f} levels ("
+        f"({total} crops)"
+    )
+    return worst <= 2.0 + 1e-3
 
 
 def main() -> None:

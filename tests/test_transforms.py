@@ -255,6 +255,20 @@ def test_train_resume_pickle_and_keys() -> None:
     assert not torch.equal(fresh(images[3], key=1), fresh(images[3], key=2))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_train_resize_matches_pil_bicubic(mode: str) -> None:
+    """RGB and L go through torch's uint8 bicubic (within a level of PIL's); other modes through PIL."""
+    rng = np.random.default_rng(0)
+    for target, size in [(24, (90, 70)), (40, (33, 30))]:  # shrinking, and enlarging
+        image = _random_image(rng, mode, size)
+        t = TrainTransform(target, seed=0)
+        left, top, cw, ch = t.crop_box(*image.size, key=5)
+        pil = image.crop((left, top, left + cw, top + ch)).resize((target, target), Image.Resampling.BICUBIC)
+        expected = normalize(to_tensor(pil.convert("RGB")), OPENAI_MEAN, OPENAI_STD)
+        levels = (t(image, key=5) - expected).abs() * torch.tensor(OPENAI_STD).view(3, 1, 1) * 255
+        assert float(levels.max()) <= (1.0 + 1e-3 if mode in ("RGB", "L") else 0.0)
+
+
 def test_crop_boxes_follow_scale_and_ratio() -> None:
     g = torch.Generator().manual_seed(0)
     for w, h in [(640, 480), (480, 640), (100, 100), (1, 500), (500, 1), (3, 2), (1000, 10)]:

@@ -7,10 +7,12 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from .exact import OPENAI_MEAN, OPENAI_STD, _check_size, _check_stats, _require_image, _rgb_to_normalized
+from .exact import OPENAI_MEAN, OPENAI_STD, _check_size, _check_stats, _require_image, hwc_to_normalized
 
 if TYPE_CHECKING:
     from .loading import ImageSource
@@ -83,8 +85,32 @@ def _mix_seed(seed: int, key: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+# Modes resized by `resize_bicubic` after conversion to RGB. PIL resizes the others in their own mode,
+# with results RGB conversion cannot reproduce (alpha premultiplied, 16/32-bit values, CMYK, palettes):
+# for those the PIL resize is kept, so every mode matches torchvision's RandomResizedCrop.
+_FAST_MODES = ("RGB", "L")
+
+
+def resize_bicubic(array: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 ``[H, W, 3]`` array resized to ``[size, size, 3]``: bicubic, antialiased when shrinking.
+
+    torch's uint8 kernel (channels-last, vectorized) instead of PIL's: about 3x faster on small images,
+    the data worker's largest cost, and within 1-2 levels of PIL's bicubic (which uses the same
+    a = -0.5 kernel; they round differently).
+    """
+    if array.shape[:2] == (size, size):
+        return array
+    chw = torch.from_numpy(array).permute(2, 0, 1)[None]  # a channels-last view, no copy
+    resized = F.interpolate(chw, size=(size, size), mode="bicubic", antialias=True)
+    return resized[0].permute(1, 2, 0).numpy()
+
+
 class TrainTransform:
-    """Random resized crop (bicubic) to ``image_size`` -> RGB -> tensor -> normalize (OpenCLIP's default).
+    """Random resized crop (bicubic) to ``image_size`` -> tensor -> normalize (OpenCLIP's default).
+
+    RGB and grayscale crops are resized by `resize_bicubic` (torch's uint8 kernel, not PIL's: 3x faster,
+    within 1-2 levels of torchvision's `RandomResizedCrop` for the same box); other modes by PIL in
+    their own mode, then converted to RGB.
 
     Randomness:
 
@@ -151,12 +177,13 @@ class TrainTransform:
     def __call__(self, image: Image.Image, *, key: int | None = None) -> torch.Tensor:
         image = _require_image(image)
         left, top, crop_w, crop_h = self.crop_box(image.width, image.height, key=key)
-        image = image.crop((left, top, left + crop_w, top + crop_h))
+        crop = image.crop((left, top, left + crop_w, top + crop_h))
         size = (self.image_size, self.image_size)
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        image = image.convert("RGB")
-        return _rgb_to_normalized(image, self.mean, self.std)
+        if crop.mode not in _FAST_MODES and crop.size != size:
+            crop = crop.resize(size, Image.Resampling.BICUBIC)  # in its own mode, as torchvision would
+        return hwc_to_normalized(
+            resize_bicubic(np.array(crop.convert("RGB")), self.image_size), self.mean, self.std
+        )
 
     def load(self, source: ImageSource) -> Image.Image:
         """Decode ``source``, letting a large JPEG decode at reduced scale (never below `min_source_side`)."""

@@ -100,7 +100,14 @@ _NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _rgb_to_normalized(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``normalize(to_tensor(image), mean, std)`` for an RGB image, computed in numpy.
+    """``normalize(to_tensor(image), mean, std)`` for an RGB image, computed in numpy (see below)."""
+    if image.mode != "RGB":
+        return normalize(to_tensor(image), mean, std)
+    return hwc_to_normalized(np.asarray(image, dtype=np.uint8), mean, std)
+
+
+def hwc_to_normalized(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A uint8 ``[H, W, 3]`` array -> normalized float ``[3, H, W]``: ``normalize(to_tensor(.))``'s bits.
 
     The same IEEE operations in the same order and precision (cast, / 255, - mean, / std), so the same
     bits, but without torch's intra-op thread pool, whose wake-ups dominate on 3 x 224 x 224 tensors.
@@ -108,9 +115,9 @@ def _rgb_to_normalized(image: Image.Image, mean: Sequence[float], std: Sequence[
     """
     dtype = torch.get_default_dtype()
     np_dtype = _NUMPY_FLOAT.get(dtype)
-    if np_dtype is None or image.mode != "RGB":
-        return normalize(to_tensor(image, dtype), mean, std)
-    chw = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    chw = np.ascontiguousarray(array.transpose(2, 0, 1))
+    if np_dtype is None:
+        return normalize(torch.from_numpy(chw).to(dtype).div(255), mean, std)
     x = chw.astype(np_dtype)
     x /= np_dtype(255)
     x -= np.asarray(mean, dtype=np_dtype)[:, None, None]

@@ -1,0 +1,81 @@
+"""The fast tar reader gives exactly what `tarfile` gives, hands unusual headers to it, and reports damage."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from clipforge.data.tarfiles import tar_files
+
+NAMES = [
+    "000001.jpg",
+    "000001.txt",
+    "deep/" * 30 + "000002.jpg",  # 150+ characters: ustar prefix, GNU long name or pax path
+    "café/ünïcode-名前.txt",
+    "empty.txt",
+    "__index__",  # webdataset's metadata convention: left out
+    "000003.Json",
+]
+
+
+def write_tar(path, fmt: int, names=NAMES) -> None:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        folder = tarfile.TarInfo("a-folder/")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        link = tarfile.TarInfo("a-link")
+        link.type, link.linkname = tarfile.SYMTYPE, NAMES[0]
+        tar.addfile(link)
+        for i, name in enumerate(names):
+            data = b"" if name == "empty.txt" else bytes(range(256)) * (i + 1) + name.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def reference(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [
+            (m.name, tar.extractfile(m).read()) for m in tar if m.isreg() and not m.name.startswith("__")
+        ]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_same_files_as_tarfile_in_every_format(tmp_path, fmt):
+    names = NAMES if fmt != tarfile.USTAR_FORMAT else [n for n in NAMES if n.isascii()]
+    path = tmp_path / "shard.tar"
+    write_tar(path, fmt, names)
+    got = list(tar_files(str(path)))
+    assert got == reference(path)
+    assert [n for n, _ in got] == [n for n in names if n != "__index__"]
+
+
+def test_a_bad_header_is_reported_after_the_good_files(tmp_path):
+    path = tmp_path / "shard.tar"
+    write_tar(path, tarfile.USTAR_FORMAT, ["a.jpg", "a.txt", "b.jpg"])
+    raw = bytearray(path.read_bytes())
+    third = raw.index(b"b.jpg")  # the third file's header starts with its name
+    raw[third + 100] ^= 0xFF  # damage its mode field: the checksum no longer matches
+    path.write_bytes(bytes(raw))
+    files = tar_files(str(path))
+    assert [next(files)[0], next(files)[0]] == ["a.jpg", "a.txt"]
+    with pytest.raises(tarfile.ReadError, match=rf"shard\.tar: bad header checksum at byte {third}"):
+        next(files)
+
+
+def test_a_cut_off_archive_is_an_error_not_a_silent_end(tmp_path):
+    path = tmp_path / "shard.tar"
+    write_tar(path, tarfile.USTAR_FORMAT, ["a.jpg", "b.jpg"])
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.index(b"b.jpg") + 512 + 100])  # b.jpg's header and 100 of its bytes
+    with pytest.raises(tarfile.ReadError, match=r"'b\.jpg' is cut off"):
+        list(tar_files(str(path)))
+
+
+def test_not_a_tar(tmp_path):
+    path = tmp_path / "shard.tar"
+    path.write_bytes(b"garbage, not a tar" * 100)
+    with pytest.raises(tarfile.ReadError, match=r"shard\.tar"):
+        list(tar_files(str(path)))
