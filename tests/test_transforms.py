@@ -30,6 +30,7 @@ from clipforge.transforms import (
     sample_crop_box,
     to_tensor,
 )
+from clipforge.transforms.loading import decode_jpeg_rgb
 
 FIXTURE = Path(__file__).parent / "fixtures" / "transforms" / "openai_transform.npz"
 SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "transforms"
@@ -324,7 +325,10 @@ def test_load_image_drafts_large_jpeg_only_on_train_path(tmp_path: Path) -> None
     assert load_image(data, 500).size == (1200, 900)  # not 2x larger than needed: no draft
     assert EvalTransform(224).load(path).size == (1200, 900)  # the eval path never drafts
     train = TrainTransform(224, seed=0)
-    assert min(train.load(data).size) >= train.min_source_side
+    decoded = train.load(data)  # a JPEG: an RGB array from libjpeg-turbo, at a reduced scale
+    assert isinstance(decoded, np.ndarray) and decoded.shape[2] == 3
+    assert train.min_source_side <= min(decoded.shape[:2]) < 900
+    assert min(train.load(path).shape[:2]) == min(decoded.shape[:2])  # paths too
     cmyk = load_image(_jpeg((800, 800), "CMYK"), 64)
     assert cmyk.mode == "CMYK" and cmyk.size == (100, 100)  # 1/8: 100 >= 78
     png = io.BytesIO()
@@ -332,6 +336,29 @@ def test_load_image_drafts_large_jpeg_only_on_train_path(tmp_path: Path) -> None
     assert load_image(png.getvalue(), 64).size == (1200, 900)  # only JPEG can draft
     # why eval must not draft: decoding at reduced scale is not the same pixels
     assert not torch.equal(EvalTransform(64)(full), EvalTransform(64)(load_image(data, 64)))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_train_jpeg_decode_is_pils(mode: str) -> None:
+    """libjpeg-turbo's RGB pixels are PIL's decode + convert("RGB"), bit for bit, and the transform of the
+    array is the transform of the PIL image."""
+    data = _jpeg((90, 70), mode)
+    array = decode_jpeg_rgb(data, 40)  # 70 < 2 * 40: decoded at full scale
+    pil = load_image(data)
+    assert array is not None and np.array_equal(array, np.array(pil.convert("RGB")))
+    t = TrainTransform(24, seed=1)
+    assert torch.equal(t(array, key=3), t(pil, key=3))
+
+
+def test_train_jpeg_decode_leaves_the_rest_to_pil() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(png, format="PNG")
+    assert decode_jpeg_rgb(png.getvalue(), 8) is None
+    assert decode_jpeg_rgb(_jpeg((40, 40), "CMYK"), 8) is None  # Adobe CMYK: PIL's conversion
+    assert decode_jpeg_rgb(_jpeg((40, 40))[:200], 8) is None  # cut off: PIL decides
+    assert isinstance(TrainTransform(8, seed=0).load(_jpeg((40, 40), "CMYK")), Image.Image)
+    with pytest.raises(TypeError, match="RGB uint8"):
+        TrainTransform(8, seed=0)(np.zeros((10, 10), dtype=np.uint8))
 
 
 def test_load_image_errors(tmp_path: Path) -> None:

@@ -174,7 +174,10 @@ class TrainTransform:
             generator = torch.Generator().manual_seed(_mix_seed(self.seed, int(key)))
         return sample_crop_box(width, height, self.scale, self.ratio, generator)
 
-    def __call__(self, image: Image.Image, *, key: int | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image | np.ndarray, *, key: int | None = None) -> torch.Tensor:
+        """``image``: a PIL image, or an RGB uint8 ``[H, W, 3]`` array (what `load` gives for JPEGs)."""
+        if isinstance(image, np.ndarray):
+            return self._from_rgb_array(image, key)
         image = _require_image(image)
         left, top, crop_w, crop_h = self.crop_box(image.width, image.height, key=key)
         crop = image.crop((left, top, left + crop_w, top + crop_h))
@@ -185,11 +188,23 @@ class TrainTransform:
             resize_bicubic(np.array(crop.convert("RGB")), self.image_size), self.mean, self.std
         )
 
-    def load(self, source: ImageSource) -> Image.Image:
-        """Decode ``source``, letting a large JPEG decode at reduced scale (never below `min_source_side`)."""
-        from .loading import load_image  # not at the top: loading builds on this module
+    def _from_rgb_array(self, image: np.ndarray, key: int | None) -> torch.Tensor:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise TypeError(f"expected an RGB uint8 [H, W, 3] array, got {image.dtype} {list(image.shape)}")
+        left, top, crop_w, crop_h = self.crop_box(image.shape[1], image.shape[0], key=key)
+        crop = np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])
+        return hwc_to_normalized(resize_bicubic(crop, self.image_size), self.mean, self.std)
 
-        return load_image(source, self.min_source_side, margin=1.0)
+    def load(self, source: ImageSource) -> Image.Image | np.ndarray:
+        """Decode ``source``, letting a large JPEG decode at reduced scale (never below `min_source_side`).
+
+        JPEGs come back as RGB uint8 arrays (libjpeg-turbo, no PIL image), everything else as PIL images;
+        `__call__` takes both.
+        """
+        from .loading import decode_jpeg_rgb, load_image  # not at the top: loading builds on this module
+
+        array = decode_jpeg_rgb(source, self.min_source_side)
+        return array if array is not None else load_image(source, self.min_source_side, margin=1.0)
 
     def __repr__(self) -> str:
         return (

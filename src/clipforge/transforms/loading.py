@@ -8,8 +8,14 @@ import os
 from collections.abc import Iterable
 from typing import IO, Union
 
+import numpy as np
 import torch
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+
+try:  # libjpeg-turbo straight to numpy: the train path's JPEG decoder (2x faster than PIL + numpy)
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel: PIL decodes everything
+    simplejpeg = None
 
 from .augment import DEFAULT_TRAIN_RATIO, DEFAULT_TRAIN_SCALE, TrainTransform, _min_crop_fraction
 from .exact import EvalTransform, _check_size
@@ -65,6 +71,35 @@ def load_image(
         _maybe_draft(image, math.ceil(_check_size(target_size) * margin))
     image.load()
     return image
+
+
+# Colour spaces libjpeg converts to RGB exactly as PIL's decode + convert("RGB") does (tested); CMYK and
+# YCCK JPEGs (Adobe's inverted CMYK) are left to PIL.
+_TURBO_SPACES = ("YCbCr", "Gray")
+
+
+def decode_jpeg_rgb(source: ImageSource, min_side: int) -> np.ndarray | None:
+    """A JPEG (bytes or path) as an RGB uint8 ``[H, W, 3]`` array, decoded by libjpeg-turbo (simplejpeg).
+
+    Train path only. A JPEG at least twice ``min_side`` on both sides is decoded at a reduced libjpeg
+    scale (a multiple of 1/8, at most 1/2) that keeps both sides >= ``min_side``. Returns None for
+    anything it does not handle -- not a JPEG, CMYK, a decode error (PIL then decides whether the file
+    is usable), simplejpeg not installed -- so the caller falls back to `load_image`.
+    """
+    if simplejpeg is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as fh:
+            source = fh.read()
+    if not isinstance(source, (bytes, bytearray, memoryview)) or not simplejpeg.is_jpeg(source):
+        return None
+    scale = {"min_height": min_side, "min_width": min_side, "min_factor": 2}
+    try:
+        if simplejpeg.decode_jpeg_header(source, **scale)[2] not in _TURBO_SPACES:
+            return None
+        return simplejpeg.decode_jpeg(source, colorspace="RGB", **scale)
+    except ValueError:
+        return None
 
 
 def _maybe_draft(image: Image.Image, min_side: int) -> None:
