@@ -2,8 +2,11 @@
 
 Every library builds the same architecture with random weights (`bench.libraries`) and encodes the same
 inputs: random pixels, and full-length texts (77 tokens: CLIP's text tower always runs its whole context).
-bf16 means autocast with fp32 weights, as a training run's evaluation would use it; int8 is clipforge's opt-in
-int8 inference copy (`clipforge.models.int8`: int8 linear layers, everything else fp32). For both, the note
+clipforge encodes with its inference copy (`clipforge.for_inference`, what `clipforge eval` uses: BatchNorms
+folded into the convolutions, a channels-last ResNet, QuickGELU folded into the MLPs; the same function up to
+float rounding); the peers with their modules as built. bf16 means autocast with fp32 weights, as a training
+run's evaluation would use it; int8 is clipforge's opt-in int8 inference copy (`clipforge.models.int8`: int8
+linear layers, everything else fp32). For both, the note
 gives the smallest cosine similarity between the outputs and the same library's fp32 outputs on the same
 inputs; with random weights, which lack the outlier activations of trained CLIP models, so on released
 weights int8 may agree less. RN50's text tower is

@@ -27,6 +27,7 @@ class Built:
     encode_image: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) -> (B, D), not normalized
     encode_text: Callable[[torch.Tensor], torch.Tensor]  # (B, T) ids -> (B, D), not normalized
     logit_scale: Callable[[], torch.Tensor]  # the learned log inverse temperature
+    parameters: int | None = None  # of the model as built, when `model` is an inference copy of it
 
 
 def build_clipforge(arch: Arch) -> Built:
@@ -139,25 +140,30 @@ _cache: dict[tuple[str, str, str, bool], Built] = {}
 
 
 def cached(lib: str, arch: Arch, device: str, int8: bool = False) -> Built:
-    """`build`, keeping one architecture at a time: the encode cases of one architecture share it.
+    """`build` in the form the library infers with, keeping one architecture at a time (its encode cases
+    share it).
 
-    `int8`: clipforge's opt-in int8 inference copy of the same model (`clipforge.models.int8`).
+    clipforge: its inference copy, `clipforge.for_inference` (BatchNorms folded into the convolutions,
+    channels-last ResNet, QuickGELU folded; what `clipforge eval` runs), or with `int8` the opt-in int8
+    copy built on it (`clipforge.models.int8`). The peers have no such step: their modules as built.
     """
     key = (lib, arch.name, device, int8)
     if key not in _cache:
         if not any(k[:3] == key[:3] for k in _cache):
             _cache.clear()
-        _cache[key] = int8_copy(cached(lib, arch, device)) if int8 else build(lib, arch, device)
+        _cache[key] = inference_form(build(lib, arch, device), int8)
     return _cache[key]
 
 
-def int8_copy(built: Built) -> Built:
-    if not hasattr(built.model, "encode_image") or not hasattr(built.model, "config"):
-        raise Unsupported("int8 inference is clipforge's opt-in mode; other libraries are measured without")
-    from clipforge.models.int8 import quantize_int8
+def inference_form(built: Built, int8: bool) -> Built:
+    if not hasattr(built.model, "encode_image") or not hasattr(built.model, "config"):  # not clipforge
+        if int8:
+            raise Unsupported("int8 inference is clipforge's opt-in mode; the other libraries run without")
+        return built
+    from clipforge.models import for_inference, quantize_int8
 
-    m = quantize_int8(built.model)
-    return Built(m, m.encode_image, m.encode_text, lambda: m.logit_scale)
+    m = quantize_int8(built.model) if int8 else for_inference(built.model)
+    return Built(m, m.encode_image, m.encode_text, lambda: m.logit_scale, describe(built)["parameters"])
 
 
 def clear_cache() -> None:
@@ -175,4 +181,7 @@ def version(lib: str) -> str:
 
 
 def describe(built: Built) -> dict[str, Any]:
+    """Compared across libraries: a mismatch means the architectures differ (folding does not count)."""
+    if built.parameters is not None:
+        return {"parameters": built.parameters}
     return {"parameters": sum(p.numel() for p in built.model.parameters())}

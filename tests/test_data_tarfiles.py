@@ -37,9 +37,7 @@ def write_tar(path, fmt: int, names=NAMES) -> None:
 
 def reference(path) -> list[tuple[str, bytes]]:
     with tarfile.open(path) as tar:
-        return [
-            (m.name, tar.extractfile(m).read()) for m in tar if m.isreg() and not m.name.startswith("__")
-        ]
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg() and not m.name.startswith("__")]
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from clipforge.models import create_model, get_config
-from clipforge.models.int8 import Int8Attention, Int8Linear, fold_quick_gelu, quantize_int8
+from clipforge.models.int8 import Int8Attention, Int8Linear, quantize_int8
 from clipforge.models.layers import QuickGELU
 
 
@@ -51,17 +49,6 @@ def test_quantized_model_encodes_close_to_fp32(name: str) -> None:
     linears = [m for m in quantized.modules() if isinstance(m, nn.Linear)]
     assert not linears and any(isinstance(m, Int8Attention) for m in quantized.modules())
     assert not any(p.requires_grad for p in quantized.parameters()) and not quantized.training
-
-
-def test_folding_quick_gelu_keeps_the_function() -> None:
-    torch.manual_seed(0)
-    model = create_model(get_config("ViT-Micro-16-32")).eval()
-    folded = fold_quick_gelu(copy.deepcopy(model))
-    assert not any(isinstance(m, QuickGELU) for m in folded.modules())
-    images, tokens = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, model.config.text.context_length))
-    with torch.no_grad():
-        assert torch.allclose(folded.encode_image(images), model.encode_image(images), atol=1e-5)
-        assert torch.allclose(folded.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
 
 
 def test_quick_gelu_is_x_sigmoid_1702x() -> None:

@@ -5,7 +5,7 @@ directory), then `model.encode_image(preprocess(image)[None])` and `model.encode
 """
 
 from clipforge.checkpoints import load, save
-from clipforge.models import CLIP, CLIPConfig, available_models, create_model, quantize_int8
+from clipforge.models import CLIP, CLIPConfig, available_models, create_model, for_inference, quantize_int8
 from clipforge.tokenizer import get_tokenizer
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "CLIPConfig",
     "available_models",
     "create_model",
+    "for_inference",
     "get_tokenizer",
     "load",
     "quantize_int8",

@@ -53,15 +53,19 @@ class Evaluator:
     def load(cls, name_or_path: str, int8: bool = False, **settings: Any) -> Evaluator:
         """Whatever `clipforge.load` takes: a release name, a clipforge or checkpoint directory, a file.
 
-        `int8`: evaluate the opt-in int8 inference copy (`clipforge.models.int8`), to see what it costs.
+        The model is evaluated through its inference copy (`clipforge.for_inference`: BatchNorms folded,
+        channels-last ResNet; the same function up to float rounding). `int8`: the opt-in int8 copy
+        (`clipforge.models.int8`) instead, to see what it costs.
         """
         from clipforge.checkpoints import load
-        from clipforge.models.int8 import quantize_int8
+        from clipforge.models import for_inference, quantize_int8
 
         model, _, tokenizer = load(name_or_path, device=settings.get("device", "cpu"))
         model_id = model_fingerprint(name_or_path)
         if int8:
             model, model_id = quantize_int8(model), f"{model_id}-int8"  # int8 features are cached apart
+        else:
+            model = for_inference(model)
         return cls(model, tokenizer, model_id=model_id, **settings)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from clipforge.models.clip import CLIP, create_model
 from clipforge.models.config import CLIPConfig, TextConfig, VisionConfig, available_models, get_config
+from clipforge.models.inference import for_inference
 from clipforge.models.int8 import quantize_int8
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "VisionConfig",
     "available_models",
     "create_model",
+    "for_inference",
     "get_config",
     "quantize_int8",
 ]

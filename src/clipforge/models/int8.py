@@ -4,8 +4,9 @@
 CPU) run through `torch._int_mm`, which uses the CPU's VNNI int8 dot products (about 2.5x an fp32 matmul
 on the machine in docs/benchmarks.md). Weights are quantized once, per output channel; activations per
 row (token) at every call, both symmetric to [-127, 127]. Convolutions (the ResNet tower, patch
-embeddings), LayerNorms, attention itself and the final projections stay fp32. QuickGELU's 1.702 is folded
-into the layers around it first (the next biggest cost: see `fold_quick_gelu`).
+embeddings), LayerNorms, attention itself and the final projections stay fp32. It starts from
+`for_inference(model)` (QuickGELU folded into the MLPs, BatchNorms into the convolutions, channels-last
+ResNet), then swaps the layers.
 
 Inference only: the copy cannot train, and its state dict is not OpenAI's layout; save the float model.
 What it costs in accuracy is measured, not assumed: see `bench/` (cosine to the fp32 outputs).
@@ -13,14 +14,13 @@ What it costs in accuracy is measured, not assumed: see `bench/` (cosine to the 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from clipforge.models.layers import MLP, QUICK_GELU_SCALE, Attention, QuickGELU
+from clipforge.models.inference import for_inference
+from clipforge.models.layers import Attention
 
-__all__ = ["Int8Attention", "Int8Linear", "fold_quick_gelu", "quantize_int8"]
+__all__ = ["Int8Attention", "Int8Linear", "quantize_int8"]
 
 _LEVELS = 127.0  # symmetric: -127..127, so negating a value never overflows
 
@@ -73,28 +73,10 @@ class Int8Attention(Attention):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with every `Attention` and `nn.Linear` replaced by its int8 version."""
-    quantized = copy.deepcopy(model).eval().requires_grad_(False)
-    fold_quick_gelu(quantized)
+    """`for_inference(model)` with every `Attention` and `nn.Linear` replaced by its int8 version."""
+    quantized = for_inference(model)
     _replace_children(quantized)
     return quantized
-
-
-@torch.no_grad()
-def fold_quick_gelu(model: nn.Module) -> nn.Module:
-    """In place, for inference: each MLP's x * sigmoid(1.702 x) becomes one SiLU pass.
-
-    c_proj(qg(c_fc(x))) with qg(h) = silu(1.702 h) / 1.702 equals c_proj'(silu(c_fc'(x))) where c_fc' is
-    c_fc scaled by 1.702 (weight and bias) and c_proj' has its weight divided by 1.702: the same function,
-    one elementwise pass over the MLP's hidden activations instead of three.
-    """
-    for mlp in model.modules():
-        if isinstance(mlp, MLP) and isinstance(mlp.gelu, QuickGELU):
-            mlp.c_fc.weight.mul_(QUICK_GELU_SCALE)
-            mlp.c_fc.bias.mul_(QUICK_GELU_SCALE)
-            mlp.c_proj.weight.div_(QUICK_GELU_SCALE)
-            mlp.gelu = nn.SiLU()
-    return model
 
 
 def _replace_children(module: nn.Module) -> None:
