@@ -55,7 +55,7 @@ class QuickGELU(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing():  # a trace records ops
             return _QuickGELUFunction.apply(x)
         return F.silu(x * QUICK_GELU_SCALE).div_(QUICK_GELU_SCALE)
 
