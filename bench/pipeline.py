@@ -2,7 +2,8 @@
 
 clipforge: `build_train_loader` on one pictext shard with `workers=0`, as the pictext recipe configures it
 (webdataset source, shuffle buffer 2000, `TrainTransform`: random resized crop with scale 0.9-1.0, bicubic;
-captions tokenized to 32 tokens): shard reading, decode, augment, tokenize, collate.
+captions tokenized to 32 tokens): shard reading (its own ustar reader), JPEG decode (libjpeg-turbo through
+simplejpeg, the same pixels as PIL's), augment (crop, torch's uint8 bicubic resize), tokenize, collate.
 
 OpenCLIP: what its webdataset training pipeline does per sample, with the tar read in order by `tarfile`
 (no shuffle buffer): PIL decode and RGB conversion (webdataset's "pilrgb"), then
