@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 import tarfile
 
 import pytest
 
+from clipforge.data import tarfiles
 from clipforge.data.tarfiles import tar_files
 
 NAMES = [
@@ -50,6 +53,25 @@ def test_same_files_as_tarfile_in_every_format(tmp_path, fmt):
     assert [n for n, _ in got] == [n for n in names if n != "__index__"]
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_names_and_pax_headers_are_read_without_tarfile(tmp_path, fmt, monkeypatch):
+    path = tmp_path / "shard.tar"
+    write_tar(path, fmt)
+    expected = reference(path)
+    monkeypatch.setattr(tarfiles, "_tarfile_files", lambda path: pytest.fail("fell back to tarfile"))
+    assert list(tar_files(str(path))) == expected
+
+
+def test_a_global_pax_header_hands_over_to_tarfile(tmp_path):
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tar:
+        for name in ("a.jpg", "a.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    assert list(tar_files(str(path))) == reference(path) == [("a.jpg", b"abc"), ("a.txt", b"abc")]
+
+
 def test_a_bad_header_is_reported_after_the_good_files(tmp_path):
     path = tmp_path / "shard.tar"
     write_tar(path, tarfile.USTAR_FORMAT, ["a.jpg", "a.txt", "b.jpg"])
@@ -77,3 +99,18 @@ def test_not_a_tar(tmp_path):
     path.write_bytes(b"garbage, not a tar" * 100)
     with pytest.raises(tarfile.ReadError, match=r"shard\.tar"):
         list(tar_files(str(path)))
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs the tar command")
+@pytest.mark.parametrize("fmt", ["posix", "gnu", "ustar"])
+def test_archives_written_by_the_tar_command(tmp_path, fmt, monkeypatch):
+    """GNU tar's posix format puts a pax header before every member; all three read without tarfile."""
+    folder = tmp_path / "shard"
+    folder.mkdir()
+    (folder / "000001.jpg").write_bytes(bytes(range(256)) * 3)
+    (folder / "000001.txt").write_text("a caption")
+    path = tmp_path / "shard.tar"
+    subprocess.run(["tar", f"--format={fmt}", "-cf", str(path), "-C", str(tmp_path), "shard"], check=True)
+    expected = reference(path)
+    monkeypatch.setattr(tarfiles, "_tarfile_files", lambda path: pytest.fail("fell back to tarfile"))
+    assert list(tar_files(str(path))) == expected and len(expected) == 2
