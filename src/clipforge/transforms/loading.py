@@ -76,6 +76,7 @@ def load_image(
 # Colour spaces libjpeg converts to RGB exactly as PIL's decode + convert("RGB") does (tested); CMYK and
 # YCCK JPEGs (Adobe's inverted CMYK) are left to PIL.
 _TURBO_SPACES = ("YCbCr", "Gray")
+_JPEG_START = b"\xff\xd8\xff"  # start-of-image marker, then the next marker's 0xff
 
 
 def decode_jpeg_rgb(source: ImageSource, min_side: int) -> np.ndarray | None:
@@ -90,7 +91,9 @@ def decode_jpeg_rgb(source: ImageSource, min_side: int) -> np.ndarray | None:
         return None
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as fh:
-            source = fh.read()
+            if fh.read(3) != _JPEG_START:  # not a JPEG: leave the file to load_image, read once there
+                return None
+            source = _JPEG_START + fh.read()
     if not isinstance(source, (bytes, bytearray, memoryview)) or not simplejpeg.is_jpeg(source):
         return None
     scale = {"min_height": min_side, "min_width": min_side, "min_factor": 2}
