@@ -1,90 +1,77 @@
-"""A cache from whitespace-separated chunks of cleaned text to their token ids, and batch gathering.
+"""A cache from whitespace-separated chunks of cleaned text to their token ids, as strings of id characters.
 
 Why chunks: OpenAI's pattern never matches whitespace, so the words (and hence token ids) of a cleaned text
 are the concatenation of the words of its whitespace-separated chunks. Captions reuse a small set of chunks
 ("a", "photo", "of", "dog,"), so after the first batch almost every chunk is a dict hit and the regex and BPE
-run only on new chunks. Token ids are stored flat (CSR: one int64 array plus offsets) so a whole batch is
-gathered with a few numpy operations instead of a Python loop over tokens.
+run only on new chunks.
+
+Why strings: a chunk's ids are kept as a str with one character per id (`chr(id)`). A whole batch is then
+one C-level `"".join` of dict lookups, and one `encode("utf-32-le")` turns it into a numpy array of ids, with
+no Python work per chunk or per token. Strings are also invisible to the garbage collector, so a large cache
+does not slow down the process's collections (tuples or lists would be tracked).
 """
 
 from __future__ import annotations
 
 import threading
-from array import array
 from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["SEPARATOR", "ChunkCache"]
+__all__ = ["ID_LIMIT", "MARK", "SEPARATOR", "ChunkCache", "id_chars", "ids_of_chars"]
 
 # Separates texts inside one joined batch string. Cleaned texts never contain NUL (ftfy deletes it,
 # html.unescape cannot produce it, the fast path excludes it), and the spaces around it make it a chunk of
-# its own, so a NUL chunk marks exactly one text boundary. ChunkCache checks the count anyway.
+# its own, so a NUL chunk marks exactly one text boundary. The batch checks the count anyway.
 SEPARATOR = " \x00 "
 _SEPARATOR_CHUNK = "\x00"
+# The character of the separator chunk in the joined ids: the last code point, never a token id.
+MARK = "\U0010ffff"
+ID_LIMIT = ord(MARK)  # vocabularies must be smaller than this
+
+
+def id_chars(ids: list[int] | tuple[int, ...]) -> str:
+    """Token ids as the str this module stores: one character per id."""
+    return "".join(map(chr, ids))
+
+
+def ids_of_chars(chars: str) -> np.ndarray:
+    """The uint32 array of the code points of `chars` (ids, and MARK where a text ends)."""
+    # surrogatepass: ids 0xD800-0xDFFF (vocabularies over 55,295 tokens) are lone surrogates in a str.
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
 class ChunkCache:
-    """chunk -> token ids, bounded: when full it is emptied and refilled by later batches."""
+    """chunk -> its ids as a str of id characters, bounded: when full it is emptied and refilled."""
 
     def __init__(
         self,
-        encode_chunks: Callable[[list[str]], tuple[list[str], np.ndarray, np.ndarray]],
+        encode_chunks: Callable[[list[str]], dict[str, str]],
         capacity: int = 1 << 18,
+        base: dict[str, str] | None = None,
     ) -> None:
-        # new chunks -> (the same chunks in any order, their ids concatenated, number of ids of each)
-        self._encode_chunks = encode_chunks
-        self.capacity = capacity
-        self._lock = threading.Lock()  # the arrays must not grow while a batch reads them
+        self._encode_chunks = encode_chunks  # new chunks -> {chunk: its id characters}
+        self.capacity = capacity  # chunks cached beyond `base`
+        self._base = {**(base or {}), _SEPARATOR_CHUNK: MARK}  # always cached, never counted
+        self._lock = threading.Lock()  # one batch at a time fills the cache
         self.clear()
 
     def clear(self) -> None:
-        self._index: dict[str, int] = {}
-        self._flat = array("q")  # all cached ids, chunk after chunk
-        self._offsets = array("q", [0])  # entry e owns _flat[_offsets[e]:_offsets[e + 1]]
-        self._add([_SEPARATOR_CHUNK], np.zeros(0, np.int64), np.zeros(1, np.int64))  # entry 0: no ids
+        self._ids = dict(self._base)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._ids) - len(self._base)
 
-    def _add(self, chunks: list[str], ids: np.ndarray, lengths: np.ndarray) -> None:
-        first = len(self._offsets) - 1
-        self._index.update(zip(chunks, range(first, first + len(chunks)), strict=True))
-        self._flat.frombytes(ids.astype(np.int64).tobytes())  # bulk copies, no per-int conversion
-        self._offsets.frombytes((self._offsets[-1] + np.cumsum(lengths, dtype=np.int64)).tobytes())
-
-    def _entries(self, chunks: list[str]) -> np.ndarray:
-        """Entry number of each chunk, encoding and adding the ones not cached yet."""
-        lookup = self._index.__getitem__  # map() with one argument: twice as fast as dict.get with a default
-        try:
-            return np.fromiter(map(lookup, chunks), np.int64, len(chunks))
-        except KeyError:
-            pass  # some chunks are new (usually found early in the batch, so little was wasted)
-        new = [c for c in dict.fromkeys(chunks) if c not in self._index]  # unique, first-seen order
-        if len(self._index) + len(new) > self.capacity and len(self._index) > 1:
-            self.clear()  # then every chunk of this batch is new; one batch may exceed the capacity
-            return self._entries(chunks)
-        self._add(*self._encode_chunks(new))
-        return np.fromiter(map(self._index.__getitem__, chunks), np.int64, len(chunks))
-
-    def encode_joined(self, chunks: list[str], n_texts: int) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of `n_texts` texts whose chunks are given in order, SEPARATOR chunks between texts.
-
-        Returns (all ids concatenated, int64 [sum]) and (ids per text, int64 [n_texts]).
-        """
+    def joined_ids(self, chunks: list[str]) -> str:
+        """The id characters of all `chunks`, concatenated, MARK for each separator chunk."""
         with self._lock:
-            entries = self._entries(chunks)
-            offsets = np.frombuffer(self._offsets, np.int64)
-            flat = np.frombuffer(self._flat, np.int64)
-            starts = offsets[entries]
-            lengths = offsets[entries + 1] - starts
-            ends = np.cumsum(lengths)
-            total = int(ends[-1]) if ends.size else 0
-            # Token k of the batch is flat[starts[e] + (k - first token of e)], e its chunk.
-            ids = flat[np.repeat(starts - (ends - lengths), lengths) + np.arange(total)]
-            del offsets, flat  # release the buffers so the arrays may grow next time
-        boundaries = np.flatnonzero(entries == 0)
-        if boundaries.size != n_texts - 1:
-            raise RuntimeError(f"found {boundaries.size} text separators for {n_texts} texts")
-        per_text = np.diff(np.concatenate(([0], ends[boundaries], [total])))
-        return ids, per_text
+            try:
+                return "".join(map(self._ids.__getitem__, chunks))
+            except KeyError:
+                pass  # some chunks are new (usually found early in the batch, so little was wasted)
+            new = set(chunks).difference(self._ids)
+            if len(self) + len(new) > self.capacity and len(self) > 0:
+                self.clear()  # then most chunks of this batch are new; one batch may exceed the capacity
+                new = set(chunks).difference(self._ids)
+            self._ids.update(self._encode_chunks(list(new)))
+            return "".join(map(self._ids.__getitem__, chunks))

@@ -2,9 +2,10 @@
 
 The hot path for a batch: join the texts with a separator; find the few that need ftfy with C-level scans
 of the joined string (`cleaning.is_fast_text` says which); clean those; lowercase and split the batch on
-whitespace at once; look every chunk up in a `ChunkCache` (regex and BPE run only for chunks never seen);
-scatter the ids into the [N, context_length] tensor with numpy. No Python work per token, and per text only
-for the texts that need ftfy.
+whitespace at once; join the cached ids of every chunk, kept as strings of id characters, in one C-level
+call (`ChunkCache`: regex and BPE run only for chunks never seen); decode that string into a numpy array and
+scatter it into the [N, context_length] tensor. No Python work per token, and per text only for the texts
+that need ftfy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tokenizers import models
 
-from clipforge.tokenizer.chunks import SEPARATOR, ChunkCache
+from clipforge.tokenizer.chunks import ID_LIMIT, MARK, SEPARATOR, ChunkCache, id_chars, ids_of_chars
 from clipforge.tokenizer.cleaning import ASCII_WORD_RE, WORD_RE, clean_text
 from clipforge.tokenizer.vocab import (
     END_OF_WORD,
@@ -69,15 +69,24 @@ class ClipTokenizer:
         self._merges = merges
         vocab = build_vocab(merges)
         self.vocab_size = len(vocab)
+        if self.vocab_size >= ID_LIMIT:
+            raise ValueError(f"a vocabulary of {self.vocab_size} tokens is too large (max {ID_LIMIT - 1})")
         self.sot_token_id = vocab[SOT]
         self.eot_token_id = vocab[EOT]
         self._bpe = _rust_bpe(vocab, merges)
+        # The caches start with every printable-ASCII word that BPE turns into one whole-word token (two
+        # new words in three in captions): the word cache with all of them, the chunk cache with those
+        # that are a chunk's only word (letters, or one character), so most new chunks need no regex.
+        whole = _whole_words(vocab, self._bpe)
+        specials = {SOT: id_chars([self.sot_token_id]), EOT: id_chars([self.eot_token_id])}
+        self._base_words = {**whole, **specials, _NUL: MARK}  # NUL ends a chunk: its ids are MARK
+        base_chunks = {w: ids for w, ids in whole.items() if w.isalpha() or len(w) == 1}
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         # Each id's bytes, "</w>" kept as the 4 bytes it spells: decode replaces it after UTF-8 decoding,
         # like OpenAI's, so a literal "</w>" typed in a text also decodes to a space.
         self._id_bytes = [bytes(byte_of[c] for c in token) for token in vocab]
-        # ~170 bytes a chunk: the default holds ~45 MB (per DataLoader worker) before it starts over.
-        self._chunks = ChunkCache(self._encode_chunks, capacity=cache_size)
+        # ~120 bytes a chunk: the default holds ~30 MB (per DataLoader worker) before it starts over.
+        self._chunks = ChunkCache(self._encode_chunks, capacity=cache_size, base=base_chunks)
         self._cleaned: dict[str, str] = {}
         self._reset_words()
         self._merges_sha256: str | None = None
@@ -176,7 +185,7 @@ class ClipTokenizer:
         """All ids of `texts` concatenated, and the number of ids of each text."""
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return self._chunks.encode_joined(self._clean_and_split(texts), len(texts))
+        return _ids_per_text(self._chunks.joined_ids(self._clean_and_split(texts)), len(texts))
 
     def _clean_and_split(self, texts: list[str]) -> list[str]:
         """The whitespace-separated chunks of all cleaned texts, in order, SEPARATOR's chunk between texts."""
@@ -229,12 +238,12 @@ class ClipTokenizer:
             cleaned = self._cleaned[text] = clean_text(text)
         return cleaned
 
-    def _encode_chunks(self, chunks: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Encode chunks not cached yet: (the chunks reordered, their ids concatenated, ids per chunk).
+    def _encode_chunks(self, chunks: list[str]) -> dict[str, str]:
+        """The ids of chunks not cached yet, as {chunk: str of id characters}.
 
         ASCII chunks (nearly all) go through the stdlib-`re` twin of OpenAI's pattern, the rest through the
         pattern itself, each group in one call on its chunks joined (a call per chunk costs more than the
-        matching). The Rust BPE then encodes each distinct word once.
+        matching). The BPE then encodes each distinct word once.
         """
         joined = SEPARATOR.join(chunks) + SEPARATOR
         if joined.isascii():
@@ -243,40 +252,40 @@ class ClipTokenizer:
             ascii_chunks = [c for c in chunks if c.isascii()]
             other = [c for c in chunks if not c.isascii()]
             joined = SEPARATOR.join(ascii_chunks) + SEPARATOR
-        # Each chunk's words, then a NUL "word" (no ids) that ends it: SEPARATOR comes out as one.
+        # Each chunk's words, then a NUL "word", whose ids are MARK: it ends the chunk's ids.
         words = ASCII_WORD_RE.findall(joined) if ascii_chunks else []
         if other:
             words += WORD_RE.findall(SEPARATOR.join(other) + SEPARATOR)
         ids_of = self._word_ids(words)
-        word_ids = list(map(ids_of.__getitem__, words))
-        word_lengths = np.fromiter(map(len, word_ids), np.int64, len(words))
-        chunk_ends = np.cumsum(word_lengths)[word_lengths == 0]  # every word has ids, only NULs have none
-        if chunk_ends.size != len(chunks):
+        per_chunk = "".join(map(ids_of.__getitem__, words)).split(MARK)
+        if len(per_chunk) != len(chunks) + 1:  # the last is the empty string after the last MARK
             raise RuntimeError("a chunk contains NUL")  # cleaning guarantees it cannot
-        ids = np.fromiter(chain.from_iterable(word_ids), np.int64, int(chunk_ends[-1]) if chunks else 0)
-        return ascii_chunks + other, ids, np.diff(chunk_ends, prepend=0)
+        return dict(zip(ascii_chunks + other, per_chunk[:-1], strict=True))
 
-    def _word_ids(self, words: list[str]) -> dict[str, tuple[int, ...]]:
-        """A dict holding the ids of every word in `words`: the word cache, after BPE of the words new to it.
+    def _word_ids(self, words: list[str]) -> dict[str, str]:
+        """A dict holding the ids of every word in `words` (as id characters): the word cache, after BPE of
+        the words new to it.
 
-        BPE runs in Rust, one `tokenize` call per word: the whole `tokenizers.Tokenizer` pipeline costs ~2.5x
-        more per word, even in parallel batches. Ids are tuples, which the garbage collector stops tracking.
+        BPE runs in Rust, one `tokenize` call per word: the whole `tokenizers.Tokenizer` pipeline costs more
+        per word, even in batches. Most words never get here: see `_whole_words`.
         """
-        unique = dict.fromkeys(words)
-        if len(self._words) + len(unique) > self._chunks.capacity:
+        new = set(words).difference(self._words)
+        if len(self._words) - len(self._base_words) + len(new) > self._chunks.capacity:
             self._reset_words()  # bounded like the chunk cache; one batch may exceed the bound
-        cache = self._words
-        new = [w for w in unique if w not in cache]
+            new = set(words).difference(self._words)
+        new_words = list(new)
         # Usually every new word is printable ASCII, its own byte-level form: one check for all of them.
-        mapped = new if _is_byte_level("".join(new)) else map(_byte_chars, new)
-        tokenize = self._bpe.tokenize
-        cache.update(zip(new, [tuple([t.id for t in tokenize(w)]) for w in mapped], strict=True))
+        if not _is_byte_level("".join(new_words)):
+            byte_level = [w if w.isascii() and w.isprintable() else _byte_chars(w) for w in new_words]
+        else:
+            byte_level = new_words
+        cache, tokenize = self._words, self._bpe.tokenize
+        for word, chars in zip(new_words, byte_level, strict=True):
+            cache[word] = "".join([chr(t.id) for t in tokenize(chars)])
         return cache
 
     def _reset_words(self) -> None:
-        # The special-token words are their ids, as in OpenAI's BPE cache; NUL ends a chunk, with no ids.
-        specials = {SOT: (self.sot_token_id,), EOT: (self.eot_token_id,)}
-        self._words: dict[str, tuple[int, ...]] = {_NUL: (), **specials}
+        self._words = dict(self._base_words)
 
     @staticmethod
     def _check_lengths(texts: list[str], counts: np.ndarray, length: int) -> None:
@@ -316,6 +325,23 @@ def _byte_chars(word: str) -> str:
     return word.encode("utf-8").decode("latin-1").translate(_BYTE_CHARS)
 
 
+def _whole_words(vocab: dict[str, int], bpe: models.BPE) -> dict[str, str]:
+    """printable-ASCII word -> its id as a character, for the words BPE turns into one whole-word token.
+
+    A word whose `</w>` token exists is nearly always encoded as that token, but BPE may take another path
+    through the merges and never reach it, so each is checked here, once per tokenizer (~0.1 s for OpenAI's
+    vocabulary, where all 30,000-odd pass). Printable ASCII only: such a word is its own byte-level form.
+    """
+    whole = {}
+    for token, i in vocab.items():
+        word = token[: -len(END_OF_WORD)]
+        if token.endswith(END_OF_WORD) and word and _is_byte_level(word):
+            found = bpe.tokenize(word)
+            if len(found) == 1 and found[0].id == i:
+                whole[word] = chr(i)
+    return whole
+
+
 def _rust_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> models.BPE:
     """The `tokenizers` (Rust) BPE model for one byte-level word: `</w>` joins its last symbol, then merges
     apply by rank."""
@@ -326,6 +352,16 @@ def _rust_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> models.BP
         ignore_merges=False,
         cache_capacity=0,  # ClipTokenizer caches words itself, without a Rust call per hit
     )
+
+
+def _ids_per_text(joined_ids: str, n_texts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(all ids, int64) and (ids per text) of the id characters of `n_texts` texts, MARK between texts."""
+    codes = ids_of_chars(joined_ids + MARK)
+    is_mark = codes == ID_LIMIT
+    ends = np.flatnonzero(is_mark)
+    if ends.size != n_texts:
+        raise RuntimeError(f"found {ends.size} text ends for {n_texts} texts")
+    return codes[~is_mark].astype(np.int64), np.diff(ends, prepend=-1) - 1
 
 
 def _pack(ids: np.ndarray, counts: np.ndarray, length: int, sot: int, eot: int) -> np.ndarray:
