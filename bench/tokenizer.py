@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from clipforge.tokenizer import ClipTokenizer, load_openai_merges
-from clipforge.tokenizer.core import _ids_per_text, _pack
+from clipforge.tokenizer.chunks import distinct, gather_ids
+from clipforge.tokenizer.core import _pack
 from clipforge.tokenizer.vocab import build_vocab
 
 CONTEXT = 77
@@ -151,22 +154,26 @@ def clipforge_stages(merges: list[tuple[str, str]], texts: list[str], warm: bool
 
         return wrapper
 
-    tok._word_ids = timed("bpe", tok._word_ids)  # type: ignore[method-assign]
-    tok._chunks._encode_chunks = timed("chunks", tok._chunks._encode_chunks)  # type: ignore[method-assign]
+    tok._words._encode_new = timed("bpe", tok._words._encode_new)  # type: ignore[method-assign]
+    tok._chunks._encode_new = timed("chunks", tok._chunks._encode_new)  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    chunks = tok._clean_and_split(texts)
+    cleaned = tok._cleaned_texts(texts)
     t1 = time.perf_counter()
-    joined = tok._chunks.joined_ids(chunks)
+    lowered = pc.ascii_lower(pa.array(cleaned, pa.string()))
+    chunks, which, per_text = distinct(pc.ascii_split_whitespace(lowered))
     t2 = time.perf_counter()
-    ids, counts = _ids_per_text(joined, len(texts))
-    torch.from_numpy(_pack(ids, counts, CONTEXT, tok.sot_token_id, tok.eot_token_id))
+    found = tok._chunks.lookup(chunks)
     t3 = time.perf_counter()
+    ids, counts = gather_ids(found, which, per_text)
+    torch.from_numpy(_pack(ids.astype(np.int64), counts, CONTEXT, tok.sot_token_id, tok.eot_token_id))
+    t4 = time.perf_counter()
     return {
-        "clean + split into chunks": (t1 - t0) * 1e3,
-        "chunk cache lookups + join": (t2 - t1 - spent["chunks"]) * 1e3,
-        "new chunks: regex + bookkeeping": (spent["chunks"] - spent["bpe"]) * 1e3,
-        "new words: whole-word lookup + Rust BPE": spent["bpe"] * 1e3,
-        "ids to array + tensor fill": (t3 - t2) * 1e3,
+        "find texts needing ftfy + clean them": (t1 - t0) * 1e3,
+        "Arrow: lowercase, split, distinct chunks": (t2 - t1) * 1e3,
+        "distinct chunks: cache lookups": (t3 - t2 - spent["chunks"]) * 1e3,
+        "new chunks: Arrow regex + words": (spent["chunks"] - spent["bpe"]) * 1e3,
+        "new words: Rust BPE": spent["bpe"] * 1e3,
+        "gather ids + tensor fill": (t4 - t3) * 1e3,
     }
 
 

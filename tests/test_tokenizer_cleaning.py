@@ -3,10 +3,12 @@
 1. Fast texts (`is_fast_text`): cleaning is whitespace splitting and ASCII lowercasing; ftfy and unescaping
    change nothing. Checked on every ASCII string of length <= 2, and many random adversarial ones.
 2. Chunks: the words of a cleaned text are the words of its whitespace-separated chunks, in order.
-3. The stdlib `re` twin of the pattern gives the same words on lowercase ASCII.
+3. Arrow's steps (C++) do what the Python ones would: `slow_texts` finds exactly the texts that are not
+   fast; the ASCII lowercase and split give str.split()'s chunks (and empty ones, which have no ids); the
+   RE2 twin of the pattern (`ascii_words`) gives the same words on lowercase ASCII chunks.
 4. GPT-2's byte-to-unicode map applied to printable ASCII is the identity.
-5. Cleaned text never holds NUL (the batch separator) nor the characters on which str.split and regex's \\s
-   disagree; str.lower is idempotent (cleaned texts are lowercased twice on the mixed-batch path).
+5. Cleaned text never holds NUL nor the characters on which str.split and regex's \\s disagree; str.lower
+   is idempotent (cleaned texts are lowercased twice: by clean_text, then by Arrow's ASCII lowercase).
 None of this needs the vocabulary file.
 """
 
@@ -18,9 +20,11 @@ import random
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from clipforge.tokenizer.cleaning import ASCII_WORD_RE, WORD_RE, clean_text, is_fast_text
+from clipforge.tokenizer.cleaning import WORD_RE, ascii_words, clean_text, is_fast_text, slow_texts
 from clipforge.tokenizer.core import _byte_chars
 from clipforge.tokenizer.vocab import bytes_to_unicode
 
@@ -92,21 +96,32 @@ def test_words_of_chunks_equal_words_of_text() -> None:
     assert not bad, bad[:10]
 
 
-def test_ascii_pattern_equals_openai_pattern_on_lowercase_ascii() -> None:
+def test_ascii_words_equal_openai_pattern_on_lowercase_ascii_chunks() -> None:
     rng = random.Random(3)
-    alphabet = [c for c in ASCII if c not in "\x1c\x1d\x1e\x1f"] + [
-        "'s",
-        "'t",
-        "'re",
-        "'ve",
-        "'m",
-        "'ll",
-        "'d",
-    ]
-    alphabet += ["<|startoftext|>", "<|endoftext|>", "<|endoftext|", "'", "''"]
-    texts = ["".join(rng.choices(alphabet, k=rng.randint(0, 30))).lower() for _ in range(20000)]
-    texts += [(a + b).lower() for a in ASCII for b in ASCII if not {a, b} & set("\x1c\x1d\x1e\x1f")]
-    bad = [t for t in texts if ASCII_WORD_RE.findall(t) != WORD_RE.findall(t)]
+    contractions = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'", "''"]
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|endoftext|", "<|"]
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + contractions * 3 + specials
+    chunks = ["".join(rng.choices(alphabet, k=rng.randint(1, 30))).lower() for _ in range(20000)]
+    chunks += [(a + b).lower() for a in ASCII for b in ASCII if (a + b).isprintable() and " " not in a + b]
+    got = ascii_words(chunks).to_pylist()
+    assert all(words[-1] == "" for words in got)  # the empty word after the last space: no ids
+    bad = [c for c, words in zip(chunks, got, strict=True) if words[:-1] != WORD_RE.findall(c)]
+    assert not bad, bad[:10]
+
+
+def test_slow_texts_are_exactly_the_texts_that_are_not_fast() -> None:
+    texts = _golden_texts() + _random_texts(6000, 6, ASCII + TRICKY)
+    texts = [t for t in texts if not any(0xD800 <= ord(c) < 0xE000 for c in t)]  # not UTF-8: no Arrow
+    want = [i for i, t in enumerate(texts) if not is_fast_text(t)]
+    assert 1000 < len(want) < len(texts) - 1000
+    assert slow_texts(pa.array(texts, pa.string())).tolist() == want
+
+
+def test_arrow_split_gives_the_chunks_of_str_split() -> None:
+    texts = _golden_texts() + _random_texts(4000, 7, ASCII + TRICKY * 4)
+    cleaned = [t if is_fast_text(t) else clean_text(t) for t in texts]  # what the tokenizer splits
+    got = pc.ascii_split_whitespace(pc.ascii_lower(pa.array(cleaned, pa.string()))).to_pylist()
+    bad = [t for t, c, g in zip(texts, cleaned, got, strict=True) if [x for x in g if x] != c.lower().split()]
     assert not bad, bad[:10]
 
 

@@ -1,33 +1,39 @@
-"""A cache from whitespace-separated chunks of cleaned text to their token ids, as strings of id characters.
+"""Batch string work in Arrow (C++), and a cache from strings (chunks, words) to their token ids.
 
 Why chunks: OpenAI's pattern never matches whitespace, so the words (and hence token ids) of a cleaned text
 are the concatenation of the words of its whitespace-separated chunks. Captions reuse a small set of chunks
-("a", "photo", "of", "dog,"), so after the first batch almost every chunk is a dict hit and the regex and BPE
-run only on new chunks.
+("a", "photo", "of", "dog,"): a batch of 10,000 captions has ~80,000 chunks but only ~9,000 distinct ones.
+So Arrow splits the whole batch and finds the distinct chunks (a hash table in C++, no Python object per
+chunk), Python looks up only the distinct ones, and the regex and BPE run only on chunks never seen.
 
-Why strings: a chunk's ids are kept as a str with one character per id (`chr(id)`). A whole batch is then
-one C-level `"".join` of dict lookups, and one `encode("utf-32-le")` turns it into a numpy array of ids, with
-no Python work per chunk or per token. Strings are also invisible to the garbage collector, so a large cache
-does not slow down the process's collections (tuples or lists would be tracked).
+Why strings of id characters: an entry's ids are kept as a str with one character per id (`chr(id)`). A
+batch's ids are then one C-level `"".join` and one `encode("utf-32-le")` into a numpy array, with no Python
+work per token. Strings are also invisible to the garbage collector, so a big cache does not slow down the
+process's collections (tuples or lists would be tracked).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from itertools import pairwise
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-__all__ = ["ID_LIMIT", "MARK", "SEPARATOR", "ChunkCache", "id_chars", "ids_of_chars"]
+__all__ = [
+    "ID_LIMIT",
+    "IdCache",
+    "chars_of_ids",
+    "distinct",
+    "gather_ids",
+    "id_chars",
+    "ids_of_chars",
+    "split_at",
+]
 
-# Separates texts inside one joined batch string. Cleaned texts never contain NUL (ftfy deletes it,
-# html.unescape cannot produce it, the fast path excludes it), and the spaces around it make it a chunk of
-# its own, so a NUL chunk marks exactly one text boundary. The batch checks the count anyway.
-SEPARATOR = " \x00 "
-_SEPARATOR_CHUNK = "\x00"
-# The character of the separator chunk in the joined ids: the last code point, never a token id.
-MARK = "\U0010ffff"
-ID_LIMIT = ord(MARK)  # vocabularies must be smaller than this
+ID_LIMIT = 0x110000  # one past the last code point: vocabularies must be smaller
 
 
 def id_chars(ids: list[int] | tuple[int, ...]) -> str:
@@ -36,23 +42,64 @@ def id_chars(ids: list[int] | tuple[int, ...]) -> str:
 
 
 def ids_of_chars(chars: str) -> np.ndarray:
-    """The uint32 array of the code points of `chars` (ids, and MARK where a text ends)."""
+    """The ids of a str of id characters, as a uint32 array."""
     # surrogatepass: ids 0xD800-0xDFFF (vocabularies over 55,295 tokens) are lone surrogates in a str.
     return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
-class ChunkCache:
-    """chunk -> its ids as a str of id characters, bounded: when full it is emptied and refilled."""
+def distinct(groups: pa.ListArray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """For a list<string> array: (its distinct strings, the index of each string among them, strings per
+    group). The hashing is Arrow's; only the distinct strings become Python objects."""
+    encoded = pc.dictionary_encode(groups.flatten())
+    return (
+        encoded.dictionary.to_pylist(),
+        encoded.indices.to_numpy().astype(np.int64),
+        groups.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64),
+    )
+
+
+def gather_ids(values: list[str], which: np.ndarray, per_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of `values[which[0]] + values[which[1]] + ...` (uint32), and how many of them each group of
+    `per_group` consecutive items has: what `distinct` took apart, put back together as ids."""
+    codes = ids_of_chars("".join(values))
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    item_lengths = lengths[which]
+    item_ends = np.cumsum(item_lengths)
+    # Id k of the result is codes[start of its item's value + (k - first id of its item)].
+    offset = (np.cumsum(lengths) - lengths)[which] - (item_ends - item_lengths)
+    ids = codes[np.repeat(offset, item_lengths) + np.arange(int(item_ends[-1]) if which.size else 0)]
+    group_ends = np.cumsum(per_group)
+    ends = np.concatenate(([0], item_ends))
+    return ids, ends[group_ends] - ends[group_ends - per_group]
+
+
+def chars_of_ids(ids: np.ndarray) -> str:
+    """The inverse of `ids_of_chars`."""
+    return ids.astype(np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
+
+
+def split_at(text: str, lengths: np.ndarray) -> list[str]:
+    """`text` cut into consecutive pieces of the given lengths."""
+    bounds = [0, *np.cumsum(lengths).tolist()]
+    return [text[start:end] for start, end in pairwise(bounds)]
+
+
+class IdCache:
+    """str -> its ids as a str of id characters, bounded: when full it is emptied and refilled.
+
+    `base` entries are always there and do not count towards `capacity`. New strings are encoded in one
+    call of `encode_new`, which returns {string: id characters} for all of them.
+    """
 
     def __init__(
         self,
-        encode_chunks: Callable[[list[str]], dict[str, str]],
+        encode_new: Callable[[list[str]], dict[str, str]],
         capacity: int = 1 << 18,
         base: dict[str, str] | None = None,
     ) -> None:
-        self._encode_chunks = encode_chunks  # new chunks -> {chunk: its id characters}
-        self.capacity = capacity  # chunks cached beyond `base`
-        self._base = {**(base or {}), _SEPARATOR_CHUNK: MARK}  # always cached, never counted
+        self._encode_new = encode_new
+        self.capacity = capacity
+        self._base = dict(base or {})
         self._lock = threading.Lock()  # one batch at a time fills the cache
         self.clear()
 
@@ -62,16 +109,17 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self._ids) - len(self._base)
 
-    def joined_ids(self, chunks: list[str]) -> str:
-        """The id characters of all `chunks`, concatenated, MARK for each separator chunk."""
+    def lookup(self, keys: list[str]) -> list[str]:
+        """The id characters of each of `keys` (distinct strings), encoding the ones not cached yet."""
         with self._lock:
-            try:
-                return "".join(map(self._ids.__getitem__, chunks))
-            except KeyError:
-                pass  # some chunks are new (usually found early in the batch, so little was wasted)
-            new = set(chunks).difference(self._ids)
+            found = list(map(self._ids.get, keys))
+            if None not in found:
+                return found  # type: ignore[return-value]
+            new = [key for key, ids in zip(keys, found, strict=True) if ids is None]
             if len(self) + len(new) > self.capacity and len(self) > 0:
-                self.clear()  # then most chunks of this batch are new; one batch may exceed the capacity
-                new = set(chunks).difference(self._ids)
-            self._ids.update(self._encode_chunks(list(new)))
-            return "".join(map(self._ids.__getitem__, chunks))
+                self.clear()  # then most keys of this batch are new; one batch may exceed the capacity
+                found = list(map(self._ids.get, keys))
+                new = [key for key, ids in zip(keys, found, strict=True) if ids is None]
+            added = self._encode_new(new)
+            self._ids.update(added)
+            return [added[key] if ids is None else ids for key, ids in zip(keys, found, strict=True)]

@@ -12,16 +12,22 @@ import html
 import re
 
 import ftfy
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import regex
 
 __all__ = [
-    "ASCII_WORD_RE",
+    "ASCII_PATTERN",
     "PATTERN",
+    "SLOW_CHAR",
     "WORD_RE",
+    "ascii_words",
     "basic_clean",
     "clean_text",
     "is_fast_text",
     "pretokenize",
+    "slow_texts",
     "whitespace_clean",
 ]
 
@@ -30,12 +36,12 @@ __all__ = [
 PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 WORD_RE = regex.compile(PATTERN, regex.IGNORECASE)
 _WHITESPACE_RE = regex.compile(r"\s+")
-# The same pattern for lowercase ASCII text, for the stdlib `re` (2-3x faster than `regex`). On such text
-# \p{L} is a-z, \p{N} is 0-9, IGNORECASE has nothing left to fold, and `re`'s \s differs from regex's only
-# on \x1c-\x1f, which cleaned text never contains. Equivalence is tested in test_tokenizer_cleaning.py.
-ASCII_WORD_RE = re.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"""
-)
+# The same pattern for lowercase ASCII chunks (no whitespace), for RE2 (Arrow's regex engine; see
+# `ascii_words`). On such text \p{L} is a-z, \p{N} is 0-9 and IGNORECASE has nothing left to fold. Letters
+# and digits come first, as a speed-up that changes nothing: no other alternative can match where they
+# can. RE2, like `regex`, takes the first alternative that matches (leftmost-first), and `+` is greedy.
+# Equivalence is tested in test_tokenizer_cleaning.py.
+ASCII_PATTERN = r"""[a-z]+|[0-9]|<\|startoftext\|>|<\|endoftext\|>|'(?:s|t|re|ve|m|ll|d)|[^\sa-z0-9]+"""
 
 # Characters outside the fast path. A text is "fast" iff it has none: it is then ASCII with no `&` (nothing
 # for html.unescape or ftfy's entity fixer) and no control character ftfy would delete (C0 controls other
@@ -43,7 +49,9 @@ ASCII_WORD_RE = re.compile(
 # touch non-ASCII text, and it maps \r to \n, which whitespace collapsing erases. So on a fast text
 # clean_text(text) == " ".join(text.split()).lower(), and str.split() agrees with regex's \s there (they
 # differ only on \x1c-\x1f, excluded). tests/test_tokenizer_cleaning.py checks it on adversarial sets.
-_SLOW_CHAR_RE = re.compile(r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]")
+# The pattern means the same to `re` and to RE2 (Arrow's engine; see `slow_texts`).
+SLOW_CHAR = r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]"
+_SLOW_CHAR_RE = re.compile(SLOW_CHAR)
 
 
 def is_fast_text(text: str) -> bool:
@@ -71,3 +79,18 @@ def clean_text(text: str) -> str:
 def pretokenize(text: str) -> list[str]:
     """OpenAI's words of `text` (cleaned first): the units BPE runs on, before the byte-level mapping."""
     return WORD_RE.findall(clean_text(text))
+
+
+def ascii_words(chunks: list[str]) -> pa.ListArray:
+    """OpenAI's words of each chunk (lowercase ASCII, no whitespace), as Arrow lists; each list ends with
+    an empty string, which has no ids. All in C++: a space after every match, then a split on spaces."""
+    spaced = pc.replace_substring_regex(
+        pa.array(chunks, pa.string()), pattern=ASCII_PATTERN, replacement="\\0 "
+    )
+    return pc.split_pattern(spaced, " ")
+
+
+def slow_texts(texts: pa.Array) -> np.ndarray:
+    """Indices of the texts (an Arrow string array) that are not fast (see `is_fast_text`): in real
+    captions, one in a hundred. One RE2 scan in C++ over the whole batch."""
+    return np.flatnonzero(pc.match_substring_regex(texts, SLOW_CHAR).to_numpy(zero_copy_only=False))

@@ -1,11 +1,11 @@
 """`ClipTokenizer`: OpenAI CLIP's tokenization, bit for bit, with the BPE in Rust (`tokenizers`).
 
-The hot path for a batch: join the texts with a separator; find the few that need ftfy with C-level scans
-of the joined string (`cleaning.is_fast_text` says which); clean those; lowercase and split the batch on
-whitespace at once; join the cached ids of every chunk, kept as strings of id characters, in one C-level
-call (`ChunkCache`: regex and BPE run only for chunks never seen); decode that string into a numpy array and
-scatter it into the [N, context_length] tensor. No Python work per token, and per text only for the texts
-that need ftfy.
+The hot path for a batch: find the few texts that need ftfy with one scan in Arrow (`cleaning.is_fast_text`
+says which) and clean those; Arrow lowercases and splits the batch on
+whitespace and finds its distinct chunks; the chunk cache gives their ids (regex and BPE run only for chunks
+never seen, the regex in Arrow too); one C-level join gives the ids of the batch, and numpy scatters them into
+the [N, context_length] tensor. Python works per distinct chunk, never per chunk or per token, and per text
+only for the texts that need ftfy.
 """
 
 from __future__ import annotations
@@ -13,17 +13,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
+from itertools import compress
+from operator import attrgetter, not_
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tokenizers import models
 
-from clipforge.tokenizer.chunks import ID_LIMIT, MARK, SEPARATOR, ChunkCache, id_chars, ids_of_chars
-from clipforge.tokenizer.cleaning import ASCII_WORD_RE, WORD_RE, clean_text
+from clipforge.tokenizer.chunks import (
+    ID_LIMIT,
+    IdCache,
+    chars_of_ids,
+    distinct,
+    gather_ids,
+    id_chars,
+    split_at,
+)
+from clipforge.tokenizer.cleaning import WORD_RE, ascii_words, clean_text, is_fast_text, slow_texts
 from clipforge.tokenizer.vocab import (
     END_OF_WORD,
     EOT,
@@ -40,13 +51,7 @@ CONFIG_FILE = "clipforge_tokenizer.json"
 MERGES_FILE = "merges.txt"
 FORMAT_VERSION = 1
 
-# A character outside the fast path (see cleaning.is_fast_text), or NUL: NUL is the batch separator here,
-# and a text containing it takes the slow path like any other text with a control character.
-_SLOW_OR_NUL_RE = re.compile(r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]")
-# The ASCII characters outside the fast path, NUL aside. `ch in text` per character is a fast C scan.
-_SLOW_ASCII = "&" + "".join(map(chr, [*range(0x01, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F]))
 _CLEAN_CACHE_SIZE = 1 << 16
-_NUL = "\x00"  # SEPARATOR's chunk
 
 
 class ClipTokenizer:
@@ -79,16 +84,15 @@ class ClipTokenizer:
         # that are a chunk's only word (letters, or one character), so most new chunks need no regex.
         whole = _whole_words(vocab, self._bpe)
         specials = {SOT: id_chars([self.sot_token_id]), EOT: id_chars([self.eot_token_id])}
-        self._base_words = {**whole, **specials, _NUL: MARK}  # NUL ends a chunk: its ids are MARK
-        base_chunks = {w: ids for w, ids in whole.items() if w.isalpha() or len(w) == 1}
+        # The empty string (a split's edge) has no ids. Caches hold ~100-120 bytes an entry: the default
+        # size holds ~60 MB (per DataLoader worker) before they start over.
+        self._words = IdCache(self._encode_words, cache_size, base={"": "", **whole, **specials})
+        self._chunks = IdCache(self._encode_chunks, cache_size, base={"": ""})
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         # Each id's bytes, "</w>" kept as the 4 bytes it spells: decode replaces it after UTF-8 decoding,
         # like OpenAI's, so a literal "</w>" typed in a text also decodes to a space.
         self._id_bytes = [bytes(byte_of[c] for c in token) for token in vocab]
-        # ~120 bytes a chunk: the default holds ~30 MB (per DataLoader worker) before it starts over.
-        self._chunks = ChunkCache(self._encode_chunks, capacity=cache_size, base=base_chunks)
         self._cleaned: dict[str, str] = {}
-        self._reset_words()
         self._merges_sha256: str | None = None
 
     # ---- public API -------------------------------------------------------------------------------------
@@ -185,50 +189,28 @@ class ClipTokenizer:
         """All ids of `texts` concatenated, and the number of ids of each text."""
         if not texts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return _ids_per_text(self._chunks.joined_ids(self._clean_and_split(texts)), len(texts))
+        # Lowercasing ASCII letters only is enough: cleaned texts are lowercase already, and fast ones ASCII.
+        # Their only whitespace is ASCII, so the ASCII split splits like str.split().
+        lowered = pc.ascii_lower(self._cleaned_texts(texts))
+        chunks, which, per_text = distinct(pc.ascii_split_whitespace(lowered))
+        ids, counts = gather_ids(self._chunks.lookup(chunks), which, per_text)
+        return ids.astype(np.int64), counts
 
-    def _clean_and_split(self, texts: list[str]) -> list[str]:
-        """The whitespace-separated chunks of all cleaned texts, in order, SEPARATOR's chunk between texts."""
+    def _cleaned_texts(self, texts: list[str]) -> pa.Array:
+        """The texts after OpenAI's cleaning, except lowercasing and collapsing whitespace on fast ones."""
+        if set(map(type, texts)) != {str} and not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a str or a sequence of str")
         try:
-            joined = SEPARATOR.join(texts)
-        except TypeError:
-            raise TypeError("texts must be a str or a sequence of str") from None
-        slow = self._slow_texts(texts, joined)
-        if not slow:
-            return joined.lower().split()  # every text is fast: cleaning is just this
-        # Runs of fast texts are joined and lowercased as one (ASCII, so lower() takes its fast path);
-        # cleaned texts are lowercase already, their only whitespace single spaces.
-        pieces = []
-        start = 0
-        for i in slow:
-            if start < i:
-                pieces.append(SEPARATOR.join(texts[start:i]).lower())
-            pieces.append(self._clean(texts[i]))
-            start = i + 1
-        if start < len(texts):
-            pieces.append(SEPARATOR.join(texts[start:]).lower())
-        return SEPARATOR.join(pieces).split()
-
-    @staticmethod
-    def _slow_texts(texts: list[str], joined: str) -> list[int]:
-        """Indices of the texts that need the full cleaning (in real captions, a few in a thousand).
-
-        Found with whole-batch C scans (isascii, `in`), not a regex over every character: that scan alone
-        would cost a fifth of the whole batch.
-        """
-        if joined.count("\x00") != len(texts) - 1:  # some text contains NUL: check one by one
-            return [i for i, t in enumerate(texts) if _SLOW_OR_NUL_RE.search(t)]
-        slow = set()
-        if not joined.isascii():
-            ascii_ = np.fromiter(map(str.isascii, texts), bool, len(texts))
-            slow.update(np.flatnonzero(~ascii_).tolist())
-        present = [ch for ch in _SLOW_ASCII if ch in joined]
-        if present:
-            positions = [m.start() for m in re.finditer("[" + re.escape("".join(present)) + "]", joined)]
-            sizes = np.fromiter(map(len, texts), np.int64, len(texts)) + len(SEPARATOR)
-            starts = np.cumsum(sizes) - sizes
-            slow.update((np.searchsorted(starts, positions, side="right") - 1).tolist())
-        return sorted(slow)
+            array = pa.array(texts, pa.string())
+        except UnicodeEncodeError:  # a lone surrogate is not UTF-8: clean text by text (ftfy replaces it)
+            return pa.array([t if is_fast_text(t) else self._clean(t) for t in texts], pa.string())
+        slow = slow_texts(array)
+        if not slow.size:
+            return array
+        mask = np.zeros(len(texts), bool)
+        mask[slow] = True
+        cleaned = pa.array([self._clean(texts[i]) for i in slow.tolist()], pa.string())
+        return pc.replace_with_mask(array, pa.array(mask), cleaned)
 
     def _clean(self, text: str) -> str:
         cleaned = self._cleaned.get(text)
@@ -239,53 +221,47 @@ class ClipTokenizer:
         return cleaned
 
     def _encode_chunks(self, chunks: list[str]) -> dict[str, str]:
-        """The ids of chunks not cached yet, as {chunk: str of id characters}.
+        """{chunk: its id characters} for chunks not cached yet.
 
-        ASCII chunks (nearly all) go through the stdlib-`re` twin of OpenAI's pattern, the rest through the
-        pattern itself, each group in one call on its chunks joined (a call per chunk costs more than the
-        matching). The BPE then encodes each distinct word once.
+        A chunk of ASCII letters is one word. Other ASCII chunks get their words from Arrow's regex
+        (`ascii_words`), the rest (from texts that needed ftfy) from OpenAI's pattern itself.
         """
-        joined = SEPARATOR.join(chunks) + SEPARATOR
-        if joined.isascii():
+        if "".join(chunks).isascii():
             ascii_chunks, other = chunks, []
         else:
             ascii_chunks = [c for c in chunks if c.isascii()]
             other = [c for c in chunks if not c.isascii()]
-            joined = SEPARATOR.join(ascii_chunks) + SEPARATOR
-        # Each chunk's words, then a NUL "word", whose ids are MARK: it ends the chunk's ids.
-        words = ASCII_WORD_RE.findall(joined) if ascii_chunks else []
+        is_word = list(map(str.isalpha, ascii_chunks))
+        letters = list(compress(ascii_chunks, is_word))
+        ids = dict(zip(letters, self._words.lookup(letters), strict=True))
+        rest = list(compress(ascii_chunks, map(not_, is_word)))
+        ids.update(zip(rest, self._ids_of_word_lists(ascii_words(rest)), strict=True))
         if other:
-            words += WORD_RE.findall(SEPARATOR.join(other) + SEPARATOR)
-        ids_of = self._word_ids(words)
-        per_chunk = "".join(map(ids_of.__getitem__, words)).split(MARK)
-        if len(per_chunk) != len(chunks) + 1:  # the last is the empty string after the last MARK
-            raise RuntimeError("a chunk contains NUL")  # cleaning guarantees it cannot
-        return dict(zip(ascii_chunks + other, per_chunk[:-1], strict=True))
+            words = pa.array([WORD_RE.findall(c) for c in other], pa.list_(pa.string()))
+            ids.update(zip(other, self._ids_of_word_lists(words), strict=True))
+        return ids
 
-    def _word_ids(self, words: list[str]) -> dict[str, str]:
-        """A dict holding the ids of every word in `words` (as id characters): the word cache, after BPE of
-        the words new to it.
+    def _ids_of_word_lists(self, words: pa.ListArray) -> list[str]:
+        """The id characters of each list of words: the word cache's, for the distinct words."""
+        distinct_words, which, per_list = distinct(words)
+        ids, lengths = gather_ids(self._words.lookup(distinct_words), which, per_list)
+        return split_at(chars_of_ids(ids), lengths)
 
-        BPE runs in Rust, one `tokenize` call per word: the whole `tokenizers.Tokenizer` pipeline costs more
-        per word, even in batches. Most words never get here: see `_whole_words`.
+    def _encode_words(self, words: list[str]) -> dict[str, str]:
+        """{word: its id characters} for words not cached yet, by the Rust BPE.
+
+        One `tokenize` call per word: the whole `tokenizers.Tokenizer` pipeline costs more per word, even in
+        batches. Most words never get here: see `_whole_words`.
         """
-        new = set(words).difference(self._words)
-        if len(self._words) - len(self._base_words) + len(new) > self._chunks.capacity:
-            self._reset_words()  # bounded like the chunk cache; one batch may exceed the bound
-            new = set(words).difference(self._words)
-        new_words = list(new)
         # Usually every new word is printable ASCII, its own byte-level form: one check for all of them.
-        if not _is_byte_level("".join(new_words)):
-            byte_level = [w if w.isascii() and w.isprintable() else _byte_chars(w) for w in new_words]
+        if _is_byte_level("".join(words)):
+            byte_level = words
         else:
-            byte_level = new_words
-        cache, tokenize = self._words, self._bpe.tokenize
-        for word, chars in zip(new_words, byte_level, strict=True):
-            cache[word] = "".join([chr(t.id) for t in tokenize(chars)])
-        return cache
-
-    def _reset_words(self) -> None:
-        self._words = dict(self._base_words)
+            byte_level = [w if w.isascii() and w.isprintable() else _byte_chars(w) for w in words]
+        tokenize, token_id = self._bpe.tokenize, attrgetter("id")
+        return {
+            w: "".join(map(chr, map(token_id, tokenize(b)))) for w, b in zip(words, byte_level, strict=True)
+        }
 
     @staticmethod
     def _check_lengths(texts: list[str], counts: np.ndarray, length: int) -> None:
@@ -352,16 +328,6 @@ def _rust_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> models.BP
         ignore_merges=False,
         cache_capacity=0,  # ClipTokenizer caches words itself, without a Rust call per hit
     )
-
-
-def _ids_per_text(joined_ids: str, n_texts: int) -> tuple[np.ndarray, np.ndarray]:
-    """(all ids, int64) and (ids per text) of the id characters of `n_texts` texts, MARK between texts."""
-    codes = ids_of_chars(joined_ids + MARK)
-    is_mark = codes == ID_LIMIT
-    ends = np.flatnonzero(is_mark)
-    if ends.size != n_texts:
-        raise RuntimeError(f"found {ends.size} text ends for {n_texts} texts")
-    return codes[~is_mark].astype(np.int64), np.diff(ends, prepend=-1) - 1
 
 
 def _pack(ids: np.ndarray, counts: np.ndarray, length: int, sot: int, eot: int) -> np.ndarray:
