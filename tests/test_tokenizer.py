@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import clipforge.tokenizer.core as core
 from clipforge.tokenizer import ClipTokenizer, find_openai_bpe, get_tokenizer
 from clipforge.tokenizer.vocab import OPENAI_BPE_SHA256
 
@@ -65,6 +66,15 @@ def test_encode_batch_matches_openai(tok: ClipTokenizer) -> None:
     got = tok.encode_batch(TEXTS)
     bad = [(r["text"], r["ids"], ids) for r, ids in zip(GOLDEN, got, strict=True) if ids != r["ids"]]
     assert not bad, f"{len(bad)} mismatches, first: {bad[0]!r}"
+
+
+@pytest.mark.parametrize("arrow_from", [0, 10**9], ids=["arrow", "python"])
+def test_both_batch_paths_match_openai_from_cold(monkeypatch: pytest.MonkeyPatch, arrow_from: int) -> None:
+    monkeypatch.setattr(core, "ARROW_MIN_BATCH", arrow_from)  # every batch through one path
+    fresh = ClipTokenizer(get_tokenizer()._merges, name="openai")
+    want = torch.tensor([_padded(r["trunc_row"], 77) for r in GOLDEN])
+    assert torch.equal(fresh(TEXTS, truncate=True), want)  # all new
+    assert torch.equal(fresh(TEXTS[::-1], truncate=True), want.flip(0))  # all cached
 
 
 def test_encode_one_by_one_cold_and_shuffled_matches_openai() -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "gather_ids",
     "id_chars",
     "ids_of_chars",
+    "index_dtype",
     "split_at",
 ]
 
@@ -62,15 +63,25 @@ def gather_ids(values: list[str], which: np.ndarray, per_group: np.ndarray) -> t
     """The ids of `values[which[0]] + values[which[1]] + ...` (uint32), and how many of them each group of
     `per_group` consecutive items has: what `distinct` took apart, put back together as ids."""
     codes = ids_of_chars("".join(values))
-    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    index = index_dtype(codes.size + which.size)
+    lengths = np.fromiter(map(len, values), index, len(values))
     item_lengths = lengths[which]
-    item_ends = np.cumsum(item_lengths)
-    # Id k of the result is codes[start of its item's value + (k - first id of its item)].
-    offset = (np.cumsum(lengths) - lengths)[which] - (item_ends - item_lengths)
-    ids = codes[np.repeat(offset, item_lengths) + np.arange(int(item_ends[-1]) if which.size else 0)]
+    item_ends = np.cumsum(item_lengths, dtype=index)
+    # Id k of the result is codes[start of its item's value + (k - first id of its item)]. The temporaries
+    # are token-sized: int32 and in place where possible, as fresh memory costs page faults.
+    offset = (np.cumsum(lengths, dtype=index) - lengths)[which]
+    offset -= item_ends
+    offset += item_lengths
+    source = np.repeat(offset, item_lengths)
+    source += np.arange(source.size, dtype=index)
     group_ends = np.cumsum(per_group)
     ends = np.concatenate(([0], item_ends))
-    return ids, ends[group_ends] - ends[group_ends - per_group]
+    return codes[source], ends[group_ends] - ends[group_ends - per_group]
+
+
+def index_dtype(size: int) -> type[np.signedinteger]:
+    """int32 for positions in arrays this small (half the memory of int64), int64 beyond."""
+    return np.int32 if size < 2**31 - 1 else np.int64
 
 
 def chars_of_ids(ids: np.ndarray) -> str:

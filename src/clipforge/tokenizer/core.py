@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from itertools import compress
+from itertools import chain, compress
 from operator import attrgetter, not_
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from clipforge.tokenizer.chunks import (
     distinct,
     gather_ids,
     id_chars,
+    ids_of_chars,
+    index_dtype,
     split_at,
 )
 from clipforge.tokenizer.cleaning import WORD_RE, ascii_words, clean_text, is_fast_text, slow_texts
@@ -52,6 +54,9 @@ MERGES_FILE = "merges.txt"
 FORMAT_VERSION = 1
 
 _CLEAN_CACHE_SIZE = 1 << 16
+# Batches this large go through Arrow; smaller ones through plain Python (`_encode_few`), which is faster
+# below ~250 captions here (a training batch of 128: 3.8 against 4.9 us a caption). Tests run both paths.
+ARROW_MIN_BATCH = 256
 
 
 class ClipTokenizer:
@@ -186,20 +191,28 @@ class ClipTokenizer:
     # ---- internals --------------------------------------------------------------------------------------
 
     def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """All ids of `texts` concatenated, and the number of ids of each text."""
-        if not texts:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        """All ids of `texts` concatenated (uint32), and the number of ids of each text."""
+        if set(map(type, texts)) - {str} and not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a str or a sequence of str")
+        if len(texts) < ARROW_MIN_BATCH:
+            return self._encode_few(texts)
         # Lowercasing ASCII letters only is enough: cleaned texts are lowercase already, and fast ones ASCII.
         # Their only whitespace is ASCII, so the ASCII split splits like str.split().
         lowered = pc.ascii_lower(self._cleaned_texts(texts))
         chunks, which, per_text = distinct(pc.ascii_split_whitespace(lowered))
-        ids, counts = gather_ids(self._chunks.lookup(chunks), which, per_text)
-        return ids.astype(np.int64), counts
+        return gather_ids(self._chunks.lookup(chunks), which, per_text)
+
+    def _encode_few(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`_encode_texts` in plain Python, for small batches: each Arrow call has a fixed cost of tens of
+        microseconds, which only large batches repay. The same steps, and the same caches."""
+        chunks_of = [(t.lower() if is_fast_text(t) else self._clean(t)).split() for t in texts]
+        chunks = list(dict.fromkeys(chain.from_iterable(chunks_of)))
+        ids_of = dict(zip(chunks, self._chunks.lookup(chunks), strict=True))
+        ids = ["".join(map(ids_of.__getitem__, c)) for c in chunks_of]
+        return ids_of_chars("".join(ids)), np.fromiter(map(len, ids), np.int64, len(ids))
 
     def _cleaned_texts(self, texts: list[str]) -> pa.Array:
         """The texts after OpenAI's cleaning, except lowercasing and collapsing whitespace on fast ones."""
-        if set(map(type, texts)) != {str} and not all(isinstance(t, str) for t in texts):
-            raise TypeError("texts must be a str or a sequence of str")
         try:
             array = pa.array(texts, pa.string())
         except UnicodeEncodeError:  # a lone surrogate is not UTF-8: clean text by text (ftfy replaces it)
@@ -340,11 +353,14 @@ def _pack(ids: np.ndarray, counts: np.ndarray, length: int, sot: int, eot: int) 
     out = np.zeros((n, length), np.int64)
     out[:, 0] = sot
     kept = np.minimum(counts, length - 2)
-    first = np.cumsum(counts) - counts  # index in `ids` of each text's first id
+    index = index_dtype(ids.size + out.size)
+    first = np.cumsum(counts, dtype=index)
+    first -= counts  # index in `ids` of each text's first id
     # The flat position in `out` of id k of the batch: its row's start + 1 + (k - first id of its row).
-    position = np.repeat(np.arange(n) * length + 1 - first, counts) + np.arange(ids.size)
+    position = np.repeat(np.arange(1, n * length + 1, length, dtype=index) - first, counts)
+    position += np.arange(ids.size, dtype=index)
     if int(kept.sum()) != ids.size:  # some text is cut: keep only ids that land before its last column
-        keep = np.arange(ids.size) - np.repeat(first, counts) < np.repeat(kept, counts)
+        keep = position < np.repeat(np.arange(1, n * length + 1, length, dtype=index) + kept, counts)
         position, ids = position[keep], ids[keep]
     out.reshape(-1)[position] = ids
     out[np.arange(n), kept + 1] = eot
