@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+import string
 
 import ftfy
 import numpy as np
@@ -41,6 +42,7 @@ _WHITESPACE_RE = regex.compile(r"\s+")
 # and digits come first, as a speed-up that changes nothing: no other alternative can match where they
 # can. RE2, like `regex`, takes the first alternative that matches (leftmost-first), and `+` is greedy.
 # Equivalence is tested in test_tokenizer_cleaning.py.
+_ASCII_BUT_LOWERCASE = "".join(chr(c) for c in range(1, 128) if not "a" <= chr(c) <= "z")
 ASCII_PATTERN = r"""[a-z]+|[0-9]|<\|startoftext\|>|<\|endoftext\|>|'(?:s|t|re|ve|m|ll|d)|[^\sa-z0-9]+"""
 
 # Characters outside the fast path. A text is "fast" iff it has none: it is then ASCII with no `&` (nothing
@@ -81,13 +83,37 @@ def pretokenize(text: str) -> list[str]:
     return WORD_RE.findall(clean_text(text))
 
 
-def ascii_words(chunks: list[str]) -> pa.ListArray:
-    """OpenAI's words of each chunk (lowercase ASCII, no whitespace), as Arrow lists; each list ends with
-    an empty string, which has no ids. All in C++: a space after every match, then a split on spaces."""
-    spaced = pc.replace_substring_regex(
-        pa.array(chunks, pa.string()), pattern=ASCII_PATTERN, replacement="\\0 "
-    )
-    return pc.split_pattern(spaced, " ")
+def ascii_words(chunks: pa.Array) -> pa.ListArray:
+    """OpenAI's words of each chunk (lowercase ASCII, no whitespace), as Arrow lists, in C++.
+
+    Two shapes need no regex: letters ("dog": one word), and letters then non-alphanumerics ("dog,": the
+    letters, then the rest as one word, since no contraction or special token can start where no letter
+    follows). The other chunks get a space after every match of `ASCII_PATTERN` and are split on spaces;
+    their lists end with an empty string, which has no ids.
+    """
+    groups = [
+        pc.ascii_is_alpha(chunks).to_numpy(zero_copy_only=False),
+        pc.match_substring_regex(chunks, "^[a-z]+[^a-z0-9]+$").to_numpy(zero_copy_only=False),
+    ]
+    groups.append(~(groups[0] | groups[1]))
+    words, two, other = (pc.filter(chunks, mask) for mask in groups)
+    lists = [
+        pa.ListArray.from_arrays(np.arange(len(words) + 1, dtype=np.int32), words),
+        _letters_then_rest(two),
+        pc.split_pattern(pc.replace_substring_regex(other, pattern=ASCII_PATTERN, replacement="\\0 "), " "),
+    ]
+    order = np.concatenate([np.flatnonzero(mask) for mask in groups])
+    return pc.take(pa.concat_arrays(lists), np.argsort(order))  # each chunk's list back in its place
+
+
+def _letters_then_rest(chunks: pa.Array) -> pa.ListArray:
+    """[letters, rest] of each chunk made of lowercase letters then non-alphanumerics."""
+    n = len(chunks)
+    letters = pc.utf8_rtrim(chunks, characters=_ASCII_BUT_LOWERCASE)
+    rest = pc.utf8_ltrim(chunks, characters=string.ascii_lowercase)
+    interleaved = np.stack([np.arange(n), np.arange(n) + n], axis=1).ravel()  # letters 0, rest 0, ...
+    values = pc.take(pa.concat_arrays([letters, rest]), interleaved)
+    return pa.ListArray.from_arrays(np.arange(0, 2 * n + 1, 2, dtype=np.int32), values)
 
 
 def slow_texts(texts: pa.Array) -> np.ndarray:

@@ -236,8 +236,8 @@ class ClipTokenizer:
     def _encode_chunks(self, chunks: list[str]) -> dict[str, str]:
         """{chunk: its id characters} for chunks not cached yet.
 
-        A chunk of ASCII letters is one word. Other ASCII chunks get their words from Arrow's regex
-        (`ascii_words`), the rest (from texts that needed ftfy) from OpenAI's pattern itself.
+        A chunk of ASCII letters is one word. Other ASCII chunks get their words from Arrow (`ascii_words`),
+        the rest (from texts that needed ftfy) from OpenAI's pattern itself.
         """
         if "".join(chunks).isascii():
             ascii_chunks, other = chunks, []
@@ -248,7 +248,8 @@ class ClipTokenizer:
         letters = list(compress(ascii_chunks, is_word))
         ids = dict(zip(letters, self._words.lookup(letters), strict=True))
         rest = list(compress(ascii_chunks, map(not_, is_word)))
-        ids.update(zip(rest, self._ids_of_word_lists(ascii_words(rest)), strict=True))
+        words = ascii_words(pa.array(rest, pa.string()))
+        ids.update(zip(rest, self._ids_of_word_lists(words), strict=True))
         if other:
             words = pa.array([WORD_RE.findall(c) for c in other], pa.list_(pa.string()))
             ids.update(zip(other, self._ids_of_word_lists(words), strict=True))
