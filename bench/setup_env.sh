@@ -22,7 +22,7 @@ peers_spec="$peers_spec setuptools<81"
 peers_spec="$peers_spec braceexpand pandas webdataset==0.2.86"
 # clipforge's runtime dependencies (pyproject.toml), minus webdataset/matplotlib/tqdm: the suite's driver
 # and the data-pipeline benchmark run in clipforge's own environment.
-clipforge_deps="numpy pillow safetensors tokenizers ftfy regex"
+clipforge_deps="numpy pillow safetensors tokenizers ftfy regex pyarrow"
 
 echo "creating the peers' environment in $env_dir with $("$python" --version 2>&1)"
 "$python" -m venv "$env_dir"

@@ -2,7 +2,7 @@
 
 Why chunks: OpenAI's pattern never matches whitespace, so the words (and hence token ids) of a cleaned text
 are the concatenation of the words of its whitespace-separated chunks. Captions reuse a small set of chunks
-("a", "photo", "of", "dog,"): a batch of 10,000 captions has ~80,000 chunks but only ~9,000 distinct ones.
+("a", "photo", "of", "dog,"): a batch of 10,000 captions has ~69,000 chunks but only ~9,000 distinct ones.
 So Arrow splits the whole batch and finds the distinct chunks (a hash table in C++, no Python object per
 chunk), Python looks up only the distinct ones, and the regex and BPE run only on chunks never seen.
 

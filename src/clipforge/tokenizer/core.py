@@ -320,7 +320,7 @@ def _whole_words(vocab: dict[str, int], bpe: models.BPE) -> dict[str, str]:
 
     A word whose `</w>` token exists is nearly always encoded as that token, but BPE may take another path
     through the merges and never reach it, so each is checked here, once per tokenizer (~0.1 s for OpenAI's
-    vocabulary, where all 30,000-odd pass). Printable ASCII only: such a word is its own byte-level form.
+    vocabulary, where all 33,301 pass). Printable ASCII only: such a word is its own byte-level form.
     """
     whole = {}
     for token, i in vocab.items():
