@@ -7,8 +7,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipforge.models import create_model, get_config
-from clipforge.models.int8 import Int8Attention, Int8Linear, quantize_int8
+from clipforge.models import create_model, get_config, int8
+from clipforge.models.int8 import (
+    Int8Attention,
+    Int8Conv2d,
+    Int8Linear,
+    int8_convolutions_available,
+    quantize_int8,
+)
 from clipforge.models.layers import QuickGELU
 
 
@@ -49,6 +55,46 @@ def test_quantized_model_encodes_close_to_fp32(name: str) -> None:
     linears = [m for m in quantized.modules() if isinstance(m, nn.Linear)]
     assert not linears and any(isinstance(m, Int8Attention) for m in quantized.modules())
     assert not any(p.requires_grad for p in quantized.parameters()) and not quantized.training
+
+
+needs_int8_convs = pytest.mark.skipif(
+    not int8_convolutions_available(),
+    reason="fbgemm's int8 convolution is not in this PyTorch build (x86 only)",
+)
+
+
+@needs_int8_convs
+@pytest.mark.parametrize(
+    "geometry",
+    [dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=3, stride=2, bias=False)],
+)
+def test_int8_conv_is_close_to_fp32(geometry: dict) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 48, **geometry)
+    x = torch.randn(2, 32, 15, 15)
+    y = conv(x)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y8 = Int8Conv2d(conv)(x.contiguous(memory_format=layout))
+        assert y8.shape == y.shape and y8.dtype == torch.float32
+        assert (y8 - y).norm() / y.norm() < 0.02, layout
+
+
+@needs_int8_convs
+def test_resnet_convolutions_go_int8_except_the_thin_stem() -> None:
+    torch.manual_seed(0)
+    model = create_model(get_config("RN-Tiny-64")).eval()
+    quantized = quantize_int8(model)
+    float_convs = [m.in_channels for m in quantized.visual.modules() if isinstance(m, nn.Conv2d)]
+    int8_convs = [m.in_channels for m in quantized.visual.modules() if isinstance(m, Int8Conv2d)]
+    assert float_convs and max(float_convs) < 16  # the thin stem: too little depth for int8 to pay off
+    assert len(int8_convs) > 10 and min(int8_convs) >= 16
+
+
+def test_without_int8_convolutions_they_stay_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int8, "int8_convolutions_available", lambda: False)
+    quantized = quantize_int8(create_model(get_config("RN-Tiny-64")).eval())
+    assert not any(isinstance(m, Int8Conv2d) for m in quantized.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in quantized.visual.modules()) > 10
 
 
 def test_quick_gelu_is_x_sigmoid_1702x() -> None:
