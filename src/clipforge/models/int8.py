@@ -35,8 +35,9 @@ _MIN_CONV_CHANNELS = 16
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values and fp32 scales (one per row of the last dimension) with x ~= values * scales."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / _LEVELS
-    return torch.round(x / scale).clamp_(-_LEVELS, _LEVELS).to(torch.int8), scale
+    peak = x.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-12)
+    # |x| <= peak in every row, so |x * 127 / peak| <= 127 after rounding: no clamp needed.
+    return (x * (_LEVELS / peak)).round_().to(torch.int8), peak / _LEVELS
 
 
 class Int8Linear(nn.Module):
@@ -58,7 +59,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         values, scale = _quantize_rows(rows)
-        y = torch._int_mm(values, self.weight_int8).float() * scale * self.weight_scale
+        y = torch._int_mm(values, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
