@@ -6,7 +6,8 @@ clipforge encodes with its inference copy (`clipforge.for_inference`, what `clip
 folded into the convolutions, a channels-last ResNet, QuickGELU folded into the MLPs; the same function up to
 float rounding); the peers with their modules as built. bf16 means autocast with fp32 weights, as a training
 run's evaluation would use it; int8 is clipforge's opt-in int8 inference copy (`clipforge.models.int8`: int8
-linear layers and, on x86, convolutions over 16 or more channels; everything else fp32). For both, the note
+linear layers and, with `convolutions=True` on x86, convolutions over 16 or more channels; everything else
+fp32). For both, the note
 gives the smallest cosine similarity between the outputs and the same library's fp32 outputs on the same
 inputs; with random weights, which lack the outlier activations of trained CLIP models, so on released
 weights int8 may agree less. RN50's text tower is

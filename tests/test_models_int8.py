@@ -38,12 +38,14 @@ def test_int8_linear_is_close_to_fp32_on_random_values() -> None:
     assert (y8 - y).norm() / y.norm() < 0.01
 
 
-@pytest.mark.parametrize("name", ["ViT-Micro-16-32", "RN-Tiny-64"])
-def test_quantized_model_encodes_close_to_fp32(name: str) -> None:
+@pytest.mark.parametrize(
+    "name,convolutions", [("ViT-Micro-16-32", False), ("RN-Tiny-64", False), ("RN-Tiny-64", True)]
+)
+def test_quantized_model_encodes_close_to_fp32(name: str, convolutions: bool) -> None:
     torch.manual_seed(0)
     model = create_model(get_config(name)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    quantized = quantize_int8(model)
+    quantized = quantize_int8(model, convolutions=convolutions)
     size = model.config.vision.image_size
     images = torch.randn(3, 3, size, size)
     tokens = torch.randint(1, 1000, (3, model.config.text.context_length))
@@ -83,7 +85,8 @@ def test_int8_conv_is_close_to_fp32(geometry: dict) -> None:
 def test_resnet_convolutions_go_int8_except_the_thin_stem() -> None:
     torch.manual_seed(0)
     model = create_model(get_config("RN-Tiny-64")).eval()
-    quantized = quantize_int8(model)
+    assert not any(isinstance(m, Int8Conv2d) for m in quantize_int8(model).modules())  # opt-in
+    quantized = quantize_int8(model, convolutions=True)
     float_convs = [m.in_channels for m in quantized.visual.modules() if isinstance(m, nn.Conv2d)]
     int8_convs = [m.in_channels for m in quantized.visual.modules() if isinstance(m, Int8Conv2d)]
     assert float_convs and max(float_convs) < 16  # the thin stem: too little depth for int8 to pay off
@@ -92,7 +95,7 @@ def test_resnet_convolutions_go_int8_except_the_thin_stem() -> None:
 
 def test_without_int8_convolutions_they_stay_float(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int8, "int8_convolutions_available", lambda: False)
-    quantized = quantize_int8(create_model(get_config("RN-Tiny-64")).eval())
+    quantized = quantize_int8(create_model(get_config("RN-Tiny-64")).eval(), convolutions=True)
     assert not any(isinstance(m, Int8Conv2d) for m in quantized.modules())
     assert sum(isinstance(m, nn.Conv2d) for m in quantized.visual.modules()) > 10
 

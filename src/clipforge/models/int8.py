@@ -3,12 +3,14 @@
 `quantize_int8(model)` returns a copy whose attention and MLP projections (about 70% of a ViT's time on a
 CPU) run through `torch._int_mm`, which uses the CPU's VNNI int8 dot products (about 2.5x an fp32 matmul
 on the machine in docs/benchmarks.md). Weights are quantized once, per output channel; activations per
-row (token) at every call, both symmetric to [-127, 127]. On x86 CPUs the ResNet tower's convolutions go
-int8 too (`Int8Conv2d`: fbgemm's dynamic int8 convolution, weights per output channel, activations per
-tensor at every call): RN50 at batch 1 takes half the time. Convolutions over fewer than 16 input channels
-(the ResNet stem's first, a ViT's patch embedding), LayerNorms, attention itself and the final projections
-stay fp32. It starts from `for_inference(model)` (QuickGELU folded into the MLPs, BatchNorms into the
-convolutions, channels-last ResNet), then swaps the layers.
+row (token) at every call, both symmetric to [-127, 127]. With `convolutions=True`, on x86 CPUs, the
+ResNet tower's convolutions go int8 too (`Int8Conv2d`: fbgemm's dynamic int8 convolution, weights per output
+channel, activations per tensor at every call): RN50 at batch 1 takes half the time, but one scale per
+activation tensor costs accuracy on trained weights (a small trained ResNet: image embeddings at mean cosine
+0.994 to fp32, against 0.99995 for the linear layers alone), hence opt-in within the opt-in. Convolutions
+over fewer than 16 input channels (the ResNet stem's first, a ViT's patch embedding), LayerNorms, attention
+itself and the final projections stay fp32. It starts from `for_inference(model)` (QuickGELU folded into
+the MLPs, BatchNorms into the convolutions, channels-last ResNet), then swaps the layers.
 
 Inference only: the copy cannot train, and its state dict is not OpenAI's layout; save the float model.
 What it costs in accuracy is measured, not assumed: see `bench/` (cosine to the fp32 outputs).
@@ -145,11 +147,12 @@ def _cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """`for_inference(model)` with every `Attention`, `nn.Linear` and (on x86 CPUs) `nn.Conv2d` over 16 or
-    more input channels replaced by its int8 version."""
+def quantize_int8(model: nn.Module, convolutions: bool = False) -> nn.Module:
+    """`for_inference(model)` with every `Attention` and `nn.Linear` replaced by its int8 version, and with
+    `convolutions=True` every `nn.Conv2d` over 16 or more input channels too (x86 CPUs; elsewhere they stay
+    fp32)."""
     quantized = for_inference(model)
-    _replace_children(quantized, convolutions=int8_convolutions_available())
+    _replace_children(quantized, convolutions=convolutions and int8_convolutions_available())
     return quantized
 
 
