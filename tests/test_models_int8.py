@@ -16,6 +16,7 @@ from clipforge.models.int8 import (
     quantize_int8,
 )
 from clipforge.models.layers import QuickGELU
+from clipforge.models.modified_resnet import Bottleneck
 
 
 def test_int8_linear_is_exact_on_values_int8_represents() -> None:
@@ -82,15 +83,18 @@ def test_int8_conv_is_close_to_fp32(geometry: dict) -> None:
 
 
 @needs_int8_convs
-def test_resnet_convolutions_go_int8_except_the_thin_stem() -> None:
+def test_resnet_convolutions_followed_by_relu_go_int8() -> None:
     torch.manual_seed(0)
     model = create_model(get_config("RN-Tiny-64")).eval()
     assert not any(isinstance(m, Int8Conv2d) for m in quantize_int8(model).modules())  # opt-in
     quantized = quantize_int8(model, convolutions=True)
-    float_convs = [m.in_channels for m in quantized.visual.modules() if isinstance(m, nn.Conv2d)]
-    int8_convs = [m.in_channels for m in quantized.visual.modules() if isinstance(m, Int8Conv2d)]
-    assert float_convs and max(float_convs) < 16  # the thin stem: too little depth for int8 to pay off
-    assert len(int8_convs) > 10 and min(int8_convs) >= 16
+    for block in quantized.visual.modules():
+        if isinstance(block, Bottleneck):
+            for conv in (block.conv1, block.conv2):  # followed by ReLU: int8 where deep enough
+                assert isinstance(conv, Int8Conv2d) == (conv.in_channels >= 16)
+            assert isinstance(block.conv3, nn.Conv2d)  # feeds the residual sum: fp32
+            assert block.downsample is None or isinstance(block.downsample[1], nn.Conv2d)
+    assert sum(isinstance(m, Int8Conv2d) for m in quantized.visual.modules()) >= 6
 
 
 def test_without_int8_convolutions_they_stay_float(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,13 +4,14 @@
 CPU) run through `torch._int_mm`, which uses the CPU's VNNI int8 dot products (about 2.5x an fp32 matmul
 on the machine in docs/benchmarks.md). Weights are quantized once, per output channel; activations per
 row (token) at every call, both symmetric to [-127, 127]. With `convolutions=True`, on x86 CPUs, the
-ResNet tower's convolutions go int8 too (`Int8Conv2d`: fbgemm's dynamic int8 convolution, weights per output
-channel, activations per tensor at every call): RN50 at batch 1 takes half the time, but one scale per
-activation tensor costs accuracy on trained weights (a small trained ResNet: image embeddings at mean cosine
-0.994 to fp32, against 0.99995 for the linear layers alone), hence opt-in within the opt-in. Convolutions
-over fewer than 16 input channels (the ResNet stem's first, a ViT's patch embedding), LayerNorms, attention
-itself and the final projections stay fp32. It starts from `for_inference(model)` (QuickGELU folded into
-the MLPs, BatchNorms into the convolutions, channels-last ResNet), then swaps the layers.
+ResNet's convolutions that are followed by ReLU go int8 too (`Int8Conv2d`: fbgemm's dynamic int8
+convolution, weights per output channel, activations per tensor at every call; the modules name them in
+`int8_convs`). The ones feeding the residual sum (each block's last and its downsample) stay fp32: there,
+one scale per activation tensor moved a small trained ResNet's image embeddings to mean cosine 0.994, where
+the ReLU-fed ones alone keep 0.99995. Convolutions over fewer than 16 input channels (the ResNet stem's
+first, a ViT's patch embedding), LayerNorms, attention itself and the final projections stay fp32. It
+starts from `for_inference(model)` (QuickGELU folded into the MLPs, BatchNorms into the convolutions,
+channels-last ResNet), then swaps the layers.
 
 Inference only: the copy cannot train, and its state dict is not OpenAI's layout; save the float model.
 What it costs in accuracy is measured, not assumed: see `bench/` (cosine to the fp32 outputs).
@@ -149,20 +150,22 @@ def _cpu_has_vnni() -> bool:
 
 def quantize_int8(model: nn.Module, convolutions: bool = False) -> nn.Module:
     """`for_inference(model)` with every `Attention` and `nn.Linear` replaced by its int8 version, and with
-    `convolutions=True` every `nn.Conv2d` over 16 or more input channels too (x86 CPUs; elsewhere they stay
-    fp32)."""
+    `convolutions=True` the ResNet's ReLU-fed convolutions over 16 or more input channels too (x86 CPUs;
+    elsewhere they stay fp32)."""
     quantized = for_inference(model)
     _replace_children(quantized, convolutions=convolutions and int8_convolutions_available())
     return quantized
 
 
 def _replace_children(module: nn.Module, convolutions: bool) -> None:
+    # Modules name the convolutions that may go int8 (`int8_convs`: in a ResNet, those followed by ReLU).
+    int8_convs = getattr(module, "int8_convs", ()) if convolutions else ()
     for name, child in module.named_children():
         if isinstance(child, Attention):
             setattr(module, name, Int8Attention(child))
         elif isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear.from_linear(child))
-        elif convolutions and isinstance(child, nn.Conv2d) and child.in_channels >= _MIN_CONV_CHANNELS:
+        elif name in int8_convs and isinstance(child, nn.Conv2d) and child.in_channels >= _MIN_CONV_CHANNELS:
             setattr(module, name, Int8Conv2d(child))
         else:
             _replace_children(child, convolutions)
