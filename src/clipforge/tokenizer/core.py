@@ -1,11 +1,11 @@
 """`ClipTokenizer`: OpenAI CLIP's tokenization, bit for bit, with the BPE in Rust (`tokenizers`).
 
-The hot path for a batch: find the few texts that need ftfy with one scan in Arrow (`cleaning.is_fast_text`
-says which) and clean those; Arrow lowercases and splits the batch on
+The hot path for a batch of 256 texts or more: one scan in Arrow finds the few texts that need ftfy
+(`cleaning.is_fast_text` says which), and only those are cleaned; Arrow lowercases and splits the batch on
 whitespace and finds its distinct chunks; the chunk cache gives their ids (regex and BPE run only for chunks
-never seen, the regex in Arrow too); one C-level join gives the ids of the batch, and numpy scatters them into
-the [N, context_length] tensor. Python works per distinct chunk, never per chunk or per token, and per text
-only for the texts that need ftfy.
+never seen, the regex in Arrow too); one C-level join gives the ids of the batch, and numpy scatters them
+into the [N, context_length] tensor. Python works per distinct chunk, never per chunk or per token, and per
+text only for the texts that need ftfy. Smaller batches take a plain-Python path over the same caches.
 """
 
 from __future__ import annotations
@@ -84,9 +84,8 @@ class ClipTokenizer:
         self.sot_token_id = vocab[SOT]
         self.eot_token_id = vocab[EOT]
         self._bpe = _rust_bpe(vocab, merges)
-        # The caches start with every printable-ASCII word that BPE turns into one whole-word token (two
-        # new words in three in captions): the word cache with all of them, the chunk cache with those
-        # that are a chunk's only word (letters, or one character), so most new chunks need no regex.
+        # The word cache starts with every printable-ASCII word that BPE turns into one whole-word token
+        # (two new words in three in captions), so those never reach the BPE.
         whole = _whole_words(vocab, self._bpe)
         specials = {SOT: id_chars([self.sot_token_id]), EOT: id_chars([self.eot_token_id])}
         # The empty string (a split's edge) has no ids. Caches hold ~100-120 bytes an entry: the default
