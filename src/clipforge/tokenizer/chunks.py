@@ -45,7 +45,7 @@ def id_chars(ids: list[int] | tuple[int, ...]) -> str:
 def ids_of_chars(chars: str) -> np.ndarray:
     """The ids of a str of id characters, as a uint32 array."""
     # surrogatepass: ids 0xD800-0xDFFF (vocabularies over 55,295 tokens) are lone surrogates in a str.
-    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), np.uint32)
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), "<u4")  # little-endian, like the bytes
 
 
 def distinct(groups: pa.ListArray) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -86,7 +86,7 @@ def index_dtype(size: int) -> type[np.signedinteger]:
 
 def chars_of_ids(ids: np.ndarray) -> str:
     """The inverse of `ids_of_chars`."""
-    return ids.astype(np.uint32).tobytes().decode("utf-32-le", "surrogatepass")
+    return ids.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
 
 
 def split_at(text: str, lengths: np.ndarray) -> list[str]:
