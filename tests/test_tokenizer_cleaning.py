@@ -5,7 +5,7 @@
 2. Chunks: the words of a cleaned text are the words of its whitespace-separated chunks, in order.
 3. Arrow's steps (C++) do what the Python ones would: `slow_texts` finds exactly the texts that are not
    fast; the ASCII lowercase and split give str.split()'s chunks (and empty ones, which have no ids);
-   `ascii_words` (two shapes by trimming, the rest by an RE2 twin of the pattern) gives OpenAI's words on
+   `ascii_words` (one shape by trimming, the rest by an RE2 twin of the pattern) gives OpenAI's words on
    lowercase ASCII chunks.
 4. GPT-2's byte-to-unicode map applied to printable ASCII is the identity.
 5. Cleaned text never holds NUL nor the characters on which str.split and regex's \\s disagree; str.lower
@@ -104,7 +104,7 @@ def test_ascii_words_equal_openai_pattern_on_lowercase_ascii_chunks() -> None:
     alphabet = [chr(c) for c in range(0x21, 0x7F)] + contractions * 3 + specials
     chunks = ["".join(rng.choices(alphabet, k=rng.randint(1, 30))).lower() for _ in range(20000)]
     chunks += [(a + b).lower() for a in ASCII for b in ASCII if (a + b).isprintable() and " " not in a + b]
-    # The shapes that skip the regex: letters, and letters then non-alphanumerics.
+    # Letters alone (the regex path here) and letters then non-alphanumerics (the trimming path).
     letters = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(1, 12))) for _ in range(3000)]
     tails = [chr(c) for c in range(0x21, 0x7F) if not chr(c).isalnum()] + contractions + specials + ["'s'"]
     chunks += letters + [w + "".join(rng.choices(tails, k=rng.randint(1, 4))).lower() for w in letters]

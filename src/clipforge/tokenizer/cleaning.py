@@ -86,23 +86,19 @@ def pretokenize(text: str) -> list[str]:
 def ascii_words(chunks: pa.Array) -> pa.ListArray:
     """OpenAI's words of each chunk (lowercase ASCII, no whitespace), as Arrow lists, in C++.
 
-    Two shapes need no regex: letters ("dog": one word), and letters then non-alphanumerics ("dog,": the
-    letters, then the rest as one word, since no contraction or special token can start where no letter
-    follows). The other chunks get a space after every match of `ASCII_PATTERN` and are split on spaces;
-    their lists end with an empty string, which has no ids.
+    Letters then non-alphanumerics ("dog,", the commonest shape of a new chunk after a plain word) need no
+    regex: the letters are one word and the rest another, since no contraction or special token can start
+    where no letter follows. The other chunks get a space after every match of `ASCII_PATTERN` and are
+    split on spaces; their lists end with an empty string, which has no ids. (The tokenizer handles chunks
+    of letters alone before calling this: each is one word.)
     """
-    groups = [
-        pc.ascii_is_alpha(chunks).to_numpy(zero_copy_only=False),
-        pc.match_substring_regex(chunks, "^[a-z]+[^a-z0-9]+$").to_numpy(zero_copy_only=False),
-    ]
-    groups.append(~(groups[0] | groups[1]))
-    words, two, other = (pc.filter(chunks, mask) for mask in groups)
+    two = pc.match_substring_regex(chunks, "^[a-z]+[^a-z0-9]+$").to_numpy(zero_copy_only=False)
+    other = pc.filter(chunks, ~two)
     lists = [
-        pa.ListArray.from_arrays(np.arange(len(words) + 1, dtype=np.int32), words),
-        _letters_then_rest(two),
+        _letters_then_rest(pc.filter(chunks, two)),
         pc.split_pattern(pc.replace_substring_regex(other, pattern=ASCII_PATTERN, replacement="\\0 "), " "),
     ]
-    order = np.concatenate([np.flatnonzero(mask) for mask in groups])
+    order = np.concatenate([np.flatnonzero(two), np.flatnonzero(~two)])
     return pc.take(pa.concat_arrays(lists), np.argsort(order))  # each chunk's list back in its place
 
 
