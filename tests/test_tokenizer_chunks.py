@@ -3,27 +3,26 @@ and the whole-word shortcut, which must never trust a token that BPE cannot reac
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from clipforge.tokenizer import ClipTokenizer
 from clipforge.tokenizer.chunks import (
+    ID_LIMIT,
+    SEPARATOR,
     IdCache,
-    chars_of_ids,
     distinct,
     gather_ids,
     id_chars,
     ids_of_chars,
-    split_at,
 )
 
 
 def test_id_chars_round_trip_every_kind_of_id() -> None:
-    ids = [0, 1, 255, 256, 49407, 0xD800, 0xDFFF, 0xFFFF, 0x10000, 0x10FFFF]  # surrogates included
+    ids = [0, 1, 255, 256, 49407, 0xD800, 0xDFFF, 0xFFFF, 0x10000, ID_LIMIT - 1]  # surrogates included
     assert ids_of_chars(id_chars(ids)).tolist() == ids
-    assert chars_of_ids(np.array(ids)) == id_chars(ids)
     assert ids_of_chars("").size == 0
+    assert SEPARATOR not in id_chars(ids) and ord(SEPARATOR) == ID_LIMIT  # no id is the separator
 
 
 def test_distinct_then_gather_puts_the_groups_back_together() -> None:
@@ -34,7 +33,6 @@ def test_distinct_then_gather_puts_the_groups_back_together() -> None:
     ids_of = {"": "", "a": id_chars([1]), "bb": id_chars([2, 3]), "ccc": id_chars([4, 5, 6])}
     ids, counts = gather_ids([ids_of[v] for v in values], which, per_group)
     assert ids.tolist() == [1, 2, 3, 1, 2, 3, 4, 5, 6] and counts.tolist() == [4, 0, 2, 3]
-    assert split_at(chars_of_ids(ids), counts) == [id_chars(x) for x in ([1, 2, 3, 1], [], [2, 3], [4, 5, 6])]
 
 
 def test_distinct_of_nothing() -> None:
@@ -57,6 +55,23 @@ def test_id_cache_encodes_only_new_keys_and_stays_bounded() -> None:
     cache.lookup(["zzz", "wwww"])  # 2 + 2 > 3: emptied first, then filled
     assert len(cache) == 2 and calls[-1] == ["zzz", "wwww"]
     assert cache.lookup(["base"]) == ["B"]  # the base survives emptying
+
+
+def test_id_cache_joins_the_ids_of_repeated_keys() -> None:
+    calls: list[list[str]] = []
+
+    def encode(keys: list[str]) -> list[tuple[str, str]]:
+        calls.append(sorted(keys))
+        return [(k, id_chars([len(k), len(k)])) for k in keys]  # pairs do as well as a dict
+
+    cache = IdCache(encode, capacity=3, base={" ": SEPARATOR})
+    assert (
+        cache.joined(["a", "bb", " ", "a", " "])
+        == id_chars([1, 1, 2, 2]) + SEPARATOR + id_chars([1, 1]) + SEPARATOR
+    )
+    assert calls == [["a", "bb"]] and cache.joined(["bb"]) == id_chars([2, 2]) and len(calls) == 1
+    assert cache.joined(["ccc", "dddd", "a"]) == id_chars([3, 3, 4, 4, 1, 1])  # overflows: emptied, refilled
+    assert calls[-1] == ["a", "ccc", "dddd"] and len(cache) == 3
 
 
 @pytest.fixture(scope="module")

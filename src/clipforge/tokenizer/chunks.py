@@ -15,8 +15,7 @@ process's collections (tuples or lists would be tracked).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from itertools import pairwise
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -24,17 +23,19 @@ import pyarrow.compute as pc
 
 __all__ = [
     "ID_LIMIT",
+    "SEPARATOR",
     "IdCache",
-    "chars_of_ids",
     "distinct",
     "gather_ids",
     "id_chars",
     "ids_of_chars",
     "index_dtype",
-    "split_at",
 ]
 
-ID_LIMIT = 0x110000  # one past the last code point: vocabularies must be smaller
+# Ids must be below ID_LIMIT, the last code point, which is kept as a separator: its character, SEPARATOR,
+# is what a word cache gives for CHUNK_END, so joined ids split back into chunks at it (see `IdCache.joined`).
+ID_LIMIT = 0x10FFFF
+SEPARATOR = chr(ID_LIMIT)
 
 
 def id_chars(ids: list[int] | tuple[int, ...]) -> str:
@@ -84,27 +85,16 @@ def index_dtype(size: int) -> type[np.signedinteger]:
     return np.int32 if size < 2**31 - 1 else np.int64
 
 
-def chars_of_ids(ids: np.ndarray) -> str:
-    """The inverse of `ids_of_chars`."""
-    return ids.astype("<u4").tobytes().decode("utf-32-le", "surrogatepass")
-
-
-def split_at(text: str, lengths: np.ndarray) -> list[str]:
-    """`text` cut into consecutive pieces of the given lengths."""
-    bounds = [0, *np.cumsum(lengths).tolist()]
-    return [text[start:end] for start, end in pairwise(bounds)]
-
-
 class IdCache:
     """str -> its ids as a str of id characters, bounded: when full it is emptied and refilled.
 
     `base` entries are always there and do not count towards `capacity`. New strings are encoded in one
-    call of `encode_new`, which returns {string: id characters} for all of them.
+    call of `encode_new`, which gives (string, id characters) for all of them, as pairs or a dict.
     """
 
     def __init__(
         self,
-        encode_new: Callable[[list[str]], dict[str, str]],
+        encode_new: Callable[[list[str]], Iterable[tuple[str, str]] | dict[str, str]],
         capacity: int = 1 << 18,
         base: dict[str, str] | None = None,
     ) -> None:
@@ -124,13 +114,22 @@ class IdCache:
         """The id characters of each of `keys` (distinct strings), encoding the ones not cached yet."""
         with self._lock:
             found = list(map(self._ids.get, keys))
-            if None not in found:
-                return found  # type: ignore[return-value]
-            new = [key for key, ids in zip(keys, found, strict=True) if ids is None]
-            if len(self) + len(new) > self.capacity and len(self) > 0:
-                self.clear()  # then most keys of this batch are new; one batch may exceed the capacity
-                found = list(map(self._ids.get, keys))
-                new = [key for key, ids in zip(keys, found, strict=True) if ids is None]
-            added = self._encode_new(new)
-            self._ids.update(added)
-            return [added[key] if ids is None else ids for key, ids in zip(keys, found, strict=True)]
+            if None in found:
+                self._add([key for key, ids in zip(keys, found, strict=True) if ids is None], keys)
+                found = list(map(self._ids.__getitem__, keys))
+            return found  # type: ignore[return-value]
+
+    def joined(self, keys: list[str]) -> str:
+        """The id characters of all `keys` (repeats welcome) in one string, encoding new ones first."""
+        with self._lock:
+            new = set(keys).difference(self._ids)
+            if new:
+                self._add(list(new), keys)
+            return "".join(map(self._ids.__getitem__, keys))
+
+    def _add(self, new: list[str], keys: list[str]) -> None:
+        """Encode and cache `new`, the keys not cached yet; empty the cache first if they overflow it."""
+        if len(self) + len(new) > self.capacity and len(self) > 0:
+            self.clear()  # then most keys of this batch are new; one batch may exceed the capacity
+            new = [key for key in dict.fromkeys(keys) if key not in self._ids]
+        self._ids.update(self._encode_new(new))

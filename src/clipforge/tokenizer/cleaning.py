@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import re
-import string
 
 import ftfy
 import numpy as np
@@ -20,6 +19,7 @@ import regex
 
 __all__ = [
     "ASCII_PATTERN",
+    "CHUNK_END",
     "PATTERN",
     "SLOW_CHAR",
     "WORD_RE",
@@ -42,8 +42,11 @@ _WHITESPACE_RE = regex.compile(r"\s+")
 # and digits come first, as a speed-up that changes nothing: no other alternative can match where they
 # can. RE2, like `regex`, takes the first alternative that matches (leftmost-first), and `+` is greedy.
 # Equivalence is tested in test_tokenizer_cleaning.py.
-_ASCII_BUT_LOWERCASE = "".join(chr(c) for c in range(1, 128) if not "a" <= chr(c) <= "z")
 ASCII_PATTERN = r"""[a-z]+|[0-9]|<\|startoftext\|>|<\|endoftext\|>|'(?:s|t|re|ve|m|ll|d)|[^\sa-z0-9]+"""
+# `ascii_words` ends each chunk's words with CHUNK_END, and marks word ends with _MARK while splitting:
+# both are ASCII whitespace, which no chunk holds and the pattern never matches.
+CHUNK_END = " "
+_MARK = "\t"
 
 # Characters outside the fast path. A text is "fast" iff it has none: it is then ASCII with no `&` (nothing
 # for html.unescape or ftfy's entity fixer) and no control character ftfy would delete (C0 controls other
@@ -51,8 +54,7 @@ ASCII_PATTERN = r"""[a-z]+|[0-9]|<\|startoftext\|>|<\|endoftext\|>|'(?:s|t|re|ve
 # touch non-ASCII text, and it maps \r to \n, which whitespace collapsing erases. So on a fast text
 # clean_text(text) == " ".join(text.split()).lower(), and str.split() agrees with regex's \s there (they
 # differ only on \x1c-\x1f, excluded). tests/test_tokenizer_cleaning.py checks it on adversarial sets.
-# The pattern means the same to `re` and to RE2 (Arrow's engine; see `slow_texts`).
-SLOW_CHAR = r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]"
+SLOW_CHAR = r"[^\t\n\x0c\r\x20-\x25\x27-\x7e]"  # `slow_texts` tests the same bytes
 _SLOW_CHAR_RE = re.compile(SLOW_CHAR)
 
 
@@ -83,36 +85,27 @@ def pretokenize(text: str) -> list[str]:
     return WORD_RE.findall(clean_text(text))
 
 
-def ascii_words(chunks: pa.Array) -> pa.ListArray:
-    """OpenAI's words of each chunk (lowercase ASCII, no whitespace), as Arrow lists, in C++.
+def ascii_words(chunks: list[str]) -> list[str]:
+    """OpenAI's words of lowercase ASCII chunks (no whitespace), in one list: each chunk's words, then
+    `CHUNK_END`.
 
-    Letters then non-alphanumerics ("dog,", the commonest shape of a new chunk after a plain word) need no
-    regex: the letters are one word and the rest another, since no contraction or special token can start
-    where no letter follows. The other chunks get a space after every match of `ASCII_PATTERN` and are
-    split on spaces; their lists end with an empty string, which has no ids. (The tokenizer handles chunks
-    of letters alone before calling this: each is one word.)
+    One RE2 pass (Arrow, C++) over the chunks joined by spaces puts a mark after every word; splitting at the
+    marks gives the words, and the spaces, which the pattern never matches, end the chunks. A flat list
+    is what the word cache joins in one call, so no Python work is done per chunk.
     """
-    two = pc.match_substring_regex(chunks, "^[a-z]+[^a-z0-9]+$").to_numpy(zero_copy_only=False)
-    other = pc.filter(chunks, ~two)
-    lists = [
-        _letters_then_rest(pc.filter(chunks, two)),
-        pc.split_pattern(pc.replace_substring_regex(other, pattern=ASCII_PATTERN, replacement="\\0 "), " "),
-    ]
-    order = np.concatenate([np.flatnonzero(two), np.flatnonzero(~two)])
-    return pc.take(pa.concat_arrays(lists), np.argsort(order))  # each chunk's list back in its place
-
-
-def _letters_then_rest(chunks: pa.Array) -> pa.ListArray:
-    """[letters, rest] of each chunk made of lowercase letters then non-alphanumerics."""
-    n = len(chunks)
-    letters = pc.utf8_rtrim(chunks, characters=_ASCII_BUT_LOWERCASE)
-    rest = pc.utf8_ltrim(chunks, characters=string.ascii_lowercase)
-    interleaved = np.stack([np.arange(n), np.arange(n) + n], axis=1).ravel()  # letters 0, rest 0, ...
-    values = pc.take(pa.concat_arrays([letters, rest]), interleaved)
-    return pa.ListArray.from_arrays(np.arange(0, 2 * n + 1, 2, dtype=np.int32), values)
+    if not chunks:
+        return []
+    joined = pa.array([CHUNK_END.join(chunks) + CHUNK_END], pa.large_string())
+    marked = pc.replace_substring_regex(joined, pattern=ASCII_PATTERN, replacement="\\0" + _MARK)[0].as_py()
+    return marked.replace(CHUNK_END, CHUNK_END + _MARK).split(_MARK)[:-1]  # the last is the empty tail
 
 
 def slow_texts(texts: pa.Array) -> np.ndarray:
     """Indices of the texts (an Arrow string array) that are not fast (see `is_fast_text`): in real
-    captions, one in a hundred. One RE2 scan in C++ over the whole batch."""
-    return np.flatnonzero(pc.match_substring_regex(texts, SLOW_CHAR).to_numpy(zero_copy_only=False))
+    captions, one in a hundred. A text is slow iff one of its UTF-8 bytes is (every non-ASCII character
+    has bytes >= 0x80), so this looks at the bytes of the whole batch at once, with numpy."""
+    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + len(texts) + 1]
+    data = np.frombuffer(texts.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    slow = (data > 0x7E) | (data == ord("&"))
+    slow |= (data < 0x20) & (data != ord("\t")) & (data != ord("\n")) & (data != 0x0C) & (data != ord("\r"))
+    return np.unique(np.searchsorted(offsets, np.flatnonzero(slow) + offsets[0], side="right") - 1)

@@ -27,16 +27,22 @@ from tokenizers import models
 
 from clipforge.tokenizer.chunks import (
     ID_LIMIT,
+    SEPARATOR,
     IdCache,
-    chars_of_ids,
     distinct,
     gather_ids,
     id_chars,
     ids_of_chars,
     index_dtype,
-    split_at,
 )
-from clipforge.tokenizer.cleaning import WORD_RE, ascii_words, clean_text, is_fast_text, slow_texts
+from clipforge.tokenizer.cleaning import (
+    CHUNK_END,
+    WORD_RE,
+    ascii_words,
+    clean_text,
+    is_fast_text,
+    slow_texts,
+)
 from clipforge.tokenizer.vocab import (
     END_OF_WORD,
     EOT,
@@ -79,8 +85,8 @@ class ClipTokenizer:
         self._merges = merges
         vocab = build_vocab(merges)
         self.vocab_size = len(vocab)
-        if self.vocab_size >= ID_LIMIT:
-            raise ValueError(f"a vocabulary of {self.vocab_size} tokens is too large (max {ID_LIMIT - 1})")
+        if self.vocab_size > ID_LIMIT:
+            raise ValueError(f"a vocabulary of {self.vocab_size} tokens is too large (max {ID_LIMIT})")
         self.sot_token_id = vocab[SOT]
         self.eot_token_id = vocab[EOT]
         self._bpe = _rust_bpe(vocab, merges)
@@ -88,9 +94,10 @@ class ClipTokenizer:
         # (two new words in three in captions), so those never reach the BPE.
         whole = _whole_words(vocab, self._bpe)
         specials = {SOT: id_chars([self.sot_token_id]), EOT: id_chars([self.eot_token_id])}
-        # The empty string (a split's edge) has no ids. Caches hold ~100-120 bytes an entry: the default
-        # size holds ~60 MB (per DataLoader worker) before they start over.
-        self._words = IdCache(self._encode_words, cache_size, base={"": "", **whole, **specials})
+        # The empty string (a split's edge) has no ids; CHUNK_END ends a chunk's words. Caches hold
+        # ~100-120 bytes an entry: the default size holds ~60 MB (per DataLoader worker) before they empty.
+        base = {"": "", CHUNK_END: SEPARATOR, **whole, **specials}
+        self._words = IdCache(self._encode_words, cache_size, base=base)
         self._chunks = IdCache(self._encode_chunks, cache_size, base={"": ""})
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         # Each id's bytes, "</w>" kept as the 4 bytes it spells: decode replaces it after UTF-8 decoding,
@@ -232,33 +239,28 @@ class ClipTokenizer:
             cleaned = self._cleaned[text] = clean_text(text)
         return cleaned
 
-    def _encode_chunks(self, chunks: list[str]) -> dict[str, str]:
-        """{chunk: its id characters} for chunks not cached yet.
+    def _encode_chunks(self, chunks: list[str]) -> Iterable[tuple[str, str]]:
+        """(chunk, its id characters) for chunks not cached yet.
 
-        A chunk of ASCII letters is one word. Other ASCII chunks get their words from Arrow (`ascii_words`),
-        the rest (from texts that needed ftfy) from OpenAI's pattern itself.
+        A chunk of ASCII letters is one word. Other ASCII chunks get their words from RE2
+        (`ascii_words`), the rest (from texts that needed ftfy) from OpenAI's pattern itself. The word cache
+        joins the ids of all their words in one call, and the chunks' ids are split apart at SEPARATOR.
         """
         if "".join(chunks).isascii():
             ascii_chunks, other = chunks, []
         else:
-            ascii_chunks = [c for c in chunks if c.isascii()]
-            other = [c for c in chunks if not c.isascii()]
+            is_ascii = list(map(str.isascii, chunks))
+            ascii_chunks = list(compress(chunks, is_ascii))
+            other = list(compress(chunks, map(not_, is_ascii)))
         is_word = list(map(str.isalpha, ascii_chunks))
         letters = list(compress(ascii_chunks, is_word))
-        ids = dict(zip(letters, self._words.lookup(letters), strict=True))
         rest = list(compress(ascii_chunks, map(not_, is_word)))
-        words = ascii_words(pa.array(rest, pa.string()))
-        ids.update(zip(rest, self._ids_of_word_lists(words), strict=True))
-        if other:
-            words = pa.array([WORD_RE.findall(c) for c in other], pa.list_(pa.string()))
-            ids.update(zip(other, self._ids_of_word_lists(words), strict=True))
-        return ids
-
-    def _ids_of_word_lists(self, words: pa.ListArray) -> list[str]:
-        """The id characters of each list of words: the word cache's, for the distinct words."""
-        distinct_words, which, per_list = distinct(words)
-        ids, lengths = gather_ids(self._words.lookup(distinct_words), which, per_list)
-        return split_at(chars_of_ids(ids), lengths)
+        words = ascii_words(rest)
+        words += [w for chunk in other for w in (*WORD_RE.findall(chunk), CHUNK_END)]
+        ids = self._words.joined(words).split(SEPARATOR)
+        ids.pop()  # after the last chunk's SEPARATOR
+        letters_ids = self._words.lookup(letters)
+        return chain(zip(letters, letters_ids, strict=True), zip(rest + other, ids, strict=True))
 
     def _encode_words(self, words: list[str]) -> dict[str, str]:
         """{word: its id characters} for words not cached yet, by the Rust BPE.
