@@ -21,11 +21,21 @@ import random
 import sys
 from pathlib import Path
 
+import ftfy
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from clipforge.tokenizer.cleaning import CHUNK_END, WORD_RE, ascii_words, clean_text, is_fast_text, slow_texts
+from clipforge.tokenizer.cleaning import (
+    _FTFY_TRIGGER,
+    CHUNK_END,
+    WORD_RE,
+    ascii_words,
+    clean_text,
+    fix_text,
+    is_fast_text,
+    slow_texts,
+)
 from clipforge.tokenizer.core import _byte_chars
 from clipforge.tokenizer.vocab import bytes_to_unicode
 
@@ -74,6 +84,17 @@ def test_fast_path_on_random_adversarial_strings() -> None:
     assert not bad, bad[:10]
 
 
+def test_fast_path_around_ampersands() -> None:
+    # An `&` before whitespace or at the end starts no entity; the texts around it are cleaned as usual.
+    strings = [
+        a + "&" + b + c for a in ["", "x", "&"] for b in ASCII for c in ["", "amp;", " ", "#39;", "\r"]
+    ]
+    fast = [s for s in strings if is_fast_text(s)]
+    assert len(fast) == 40  # "&" then one of \t \n \x0c and space, then any of the five tails, twice
+    bad = [s for s in fast if clean_text(s) != _fast_clean(s)]
+    assert not bad, bad[:10]
+
+
 @pytest.mark.parametrize(
     "char", ["&", "\x00", "\x01", "\x0b", "\x1b", "\x1c", "\x1f", "\x7f", "é", "’", "\xa0"]
 )
@@ -83,6 +104,45 @@ def test_fast_path_refuses_what_cleaning_changes(char: str) -> None:
 
 def test_fast_path_accepts_ascii_text_and_its_whitespace() -> None:
     assert is_fast_text("A photo of a cat, 3:00 (cute!) <b>hi</b> 'quoted' $5 @x #y\t\n\r\x0c~")
+    assert is_fast_text("black & white &\tred &\ngreen &")
+
+
+# ftfy's fixers that look at characters one at a time (the others are gated by is_bad, or are steps of
+# the encoding fixer, or are uncurl_quotes, which fix_text's shortcut applies itself).
+CHARACTER_FIXERS = [
+    "unescape_html",
+    "remove_terminal_escapes",
+    "fix_c1_controls",
+    "fix_latin_ligatures",
+    "fix_character_width",
+    "fix_line_breaks",
+    "fix_surrogates",
+    "remove_control_chars",
+]
+ENCODING_STEPS = ["restore_byte_a0", "replace_lossy_sequences", "decode_inconsistent_utf8"]
+
+
+def test_ftfy_has_the_fixers_the_shortcut_knows() -> None:
+    assert sorted(ftfy.FIXERS) == sorted([*CHARACTER_FIXERS, *ENCODING_STEPS, "uncurl_quotes"])
+
+
+def test_every_character_outside_the_triggers_is_left_alone_by_ftfy_fixers() -> None:
+    inert = "".join(c for c in map(chr, range(0x110000)) if _FTFY_TRIGGER.search(c) is None)
+    assert len(inert) > 100_000 and "&" in inert and "é" in inert and "’" in inert
+    for name in CHARACTER_FIXERS:
+        assert ftfy.FIXERS[name](inert) == inert, name
+
+
+def test_fix_text_equals_ftfy() -> None:
+    # Quotes, accents, mojibake, combining marks, CJK, emoji, entities and the triggers, mixed.
+    alphabet = [*"abcXYZ019 .,'&;#<", *"’‘“”‚„ʼ′", *"éàüñçØßÆœ", "Ã©", "â€™", "Ã", "Â", "\xa0", "\u0301",
+                "\u0308", "日本", "한", "😀", "👍🏽", "\u200d", "ﬁ", "Ａ", "\u3000", "&amp;", "&#39;", "\n",
+                "\r", "\x85", "\x1b[1m", "\ufeff"]  # fmt: skip
+    texts = _golden_texts() + _random_texts(8000, 5, alphabet) + _random_texts(4000, 6, [*"ab ’“”é&"])
+    shortcut = [t for t in texts if _FTFY_TRIGGER.search(t) is None]
+    assert len(shortcut) > 2000  # the shortcut is exercised
+    bad = [t for t in texts if fix_text(t) != ftfy.fix_text(t)]
+    assert not bad, bad[:10]
 
 
 def _words_by_chunks(text: str) -> list[str]:
@@ -115,6 +175,7 @@ def test_ascii_words_equal_openai_pattern_on_lowercase_ascii_chunks() -> None:
 
 def test_slow_texts_are_exactly_the_texts_that_are_not_fast() -> None:
     texts = _golden_texts() + _random_texts(6000, 6, ASCII + TRICKY)
+    texts += ["a &", " b", "&", "&", "x", "& ", "&&", "a&\t", "", "&"]  # `&` at the ends of texts
     texts = [t for t in texts if not any(0xD800 <= ord(c) < 0xE000 for c in t)]  # not UTF-8: no Arrow
     want = [i for i, t in enumerate(texts) if not is_fast_text(t)]
     assert 1000 < len(want) < len(texts) - 1000
