@@ -94,15 +94,16 @@ def fix_text(text: str) -> str:
     mojibake test, `is_bad`, is most of what is left).
 
     With no trigger character (see `_FTFY_TRIGGER`), ftfy's first pass changes a text only by straightening
-    curly quotes (`uncurl_quotes`), the fixer for mojibake only acts on text that `is_bad`, and the last
-    step is NFC. So if the text and its straightened form are both not bad, and the latter is NFC, the
-    first pass gives the straightened form and the second changes nothing: that is ftfy's result.
+    curly quotes (`uncurl_quotes`), the fixer for mojibake only acts on text that is not ASCII and
+    `is_bad`, and the last step is NFC. So if the text and its straightened form are both not bad (or
+    ASCII), and the latter is NFC, the first pass gives the straightened form and the second changes
+    nothing: that is ftfy's result.
     """
     if _FTFY_SHORTCUT and len(text) <= _FTFY_MAX_SEGMENT and _FTFY_TRIGGER.search(text) is None:
         straight = ftfy.fixes.uncurl_quotes(text)
         if (
             not is_bad(text)
-            and (straight == text or not is_bad(straight))
+            and (straight == text or straight.isascii() or not is_bad(straight))
             and unicodedata.is_normalized("NFC", straight)
         ):
             return straight
