@@ -9,7 +9,8 @@ chunk), Python looks up only the distinct ones, and the regex and BPE run only o
 Why strings of id characters: an entry's ids are kept as a str with one character per id (`chr(id)`). A
 batch's ids are then one C-level `"".join` and one `encode("utf-32-le")` into a numpy array, with no Python
 work per token. Strings are also invisible to the garbage collector, so a big cache does not slow down the
-process's collections (tuples or lists would be tracked).
+process's collections (tuples or lists would be tracked). And a separator character, which no id uses,
+lets the ids of many strings be joined in one call and split apart again (`IdCache.joined`).
 """
 
 from __future__ import annotations

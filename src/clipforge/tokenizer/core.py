@@ -1,11 +1,12 @@
 """`ClipTokenizer`: OpenAI CLIP's tokenization, bit for bit, with the BPE in Rust (`tokenizers`).
 
-The hot path for a batch of 256 texts or more: one scan in Arrow finds the few texts that need ftfy
-(`cleaning.is_fast_text` says which), and only those are cleaned; Arrow lowercases and splits the batch on
-whitespace and finds its distinct chunks; the chunk cache gives their ids (regex and BPE run only for chunks
-never seen, the regex in Arrow too); one C-level join gives the ids of the batch, and numpy scatters them
-into the [N, context_length] tensor. Python works per distinct chunk, never per chunk or per token, and per
-text only for the texts that need ftfy. Smaller batches take a plain-Python path over the same caches.
+The hot path for a batch of 256 texts or more: one scan of the batch's bytes finds the few texts that
+need cleaning (`cleaning.is_fast_text` says which), and only those are cleaned; Arrow lowercases and splits
+the batch on whitespace and finds its distinct chunks; the chunk cache gives their ids (regex and BPE run
+only for chunks never seen, the regex in Arrow too, all their words in one flat list); one C-level join
+gives the ids of the batch, and numpy scatters them into the [N, context_length] tensor. Python works per
+distinct chunk, never per chunk or per token, and per text only for the texts that need cleaning. Smaller
+batches take a plain-Python path over the same caches.
 """
 
 from __future__ import annotations
