@@ -81,7 +81,9 @@ class WorkerProcess:
 
     def __init__(self, settings: Settings, env: str, log_dir: Path) -> None:
         environ = dict(os.environ)
-        environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
+        # This checkout first; then whatever the caller had (bench/device_run.sh puts carried packages there).
+        inherited = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), *inherited])
         if SHARED_BPE.exists():
             environ.setdefault("CLIPFORGE_BPE_PATH", str(SHARED_BPE))
         self.log = log_dir / f"worker-{next(self._ids)}-{env}.log"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -349,8 +350,12 @@ def write(rows: list[Row], meta: dict, out: Path) -> list[Path]:
     """`out` (markdown), and beside it the plot (.png) and every repetition (.json)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     png, raw = out.with_suffix(".png"), out.with_suffix(".json")
-    plot(rows, meta, png)
+    raw.write_text(to_json(rows, meta) + "\n")  # first: the measurements survive whatever fails below
     findings = kept_findings(out.read_text()) if out.exists() else ""
     out.write_text(markdown(rows, meta, png.name, findings))
-    raw.write_text(to_json(rows, meta) + "\n")
-    return [out, png, raw]
+    try:
+        plot(rows, meta, png)
+    except ImportError as e:  # no matplotlib: the tables are complete without the plot
+        print(f"no plot ({e}); --from-json {raw} draws it where matplotlib is installed", file=sys.stderr)
+        return [raw, out]
+    return [raw, out, png]
