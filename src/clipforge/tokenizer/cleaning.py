@@ -25,6 +25,7 @@ __all__ = [
     "ASCII_PATTERN",
     "CHUNK_END",
     "ENTITY_START",
+    "FTFY_CHARACTER_FIXERS",
     "PATTERN",
     "SLOW_CHAR",
     "WORD_RE",
@@ -85,9 +86,30 @@ _FTFY_TRIGGER = regex.compile(
     r"&[#0-9A-Za-z]|[\p{Cc}\p{Cf}\p{Cs}\p{Co}\p{Cn}\p{Zl}\p{Zp}\u0132\u0133\u0149\u01c4-\u01cc\u01f1-\u01f3"
     r"\u3000\ufb00-\ufb4f\uff00-\uffef\ufff9-\ufffc]"
 )
-# The shortcut follows ftfy 6's order of fixes (tests compare it with ftfy.fix_text); another major
-# version always runs ftfy.
-_FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6"
+# ftfy's fixers that look at one character at a time (the tests check them on every code point outside
+# _FTFY_TRIGGER), and the rest: steps of the mojibake fixer, gated by is_bad, and uncurl_quotes. The
+# shortcut follows ftfy 6's order of fixes (tests compare it with ftfy.fix_text); an ftfy of another major
+# version or with another set of fixers always runs in full.
+FTFY_CHARACTER_FIXERS = (
+    "unescape_html",
+    "remove_terminal_escapes",
+    "fix_c1_controls",
+    "fix_latin_ligatures",
+    "fix_character_width",
+    "fix_line_breaks",
+    "fix_surrogates",
+    "remove_control_chars",
+)
+_FTFY_OTHER_FIXERS = (
+    "restore_byte_a0",
+    "replace_lossy_sequences",
+    "decode_inconsistent_utf8",
+    "uncurl_quotes",
+)
+_FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6" and set(getattr(ftfy, "FIXERS", ())) == {
+    *FTFY_CHARACTER_FIXERS,
+    *_FTFY_OTHER_FIXERS,
+}
 _FTFY_MAX_SEGMENT = ftfy.TextFixerConfig().max_decode_length
 
 
