@@ -67,6 +67,7 @@ SLOW_CHAR = r"[^\t\n\x0c\r\x20-\x7e]"
 ENTITY_START = r"&(?![\t\n\x0c ]|\Z)"
 _SLOW_CHAR_RE = re.compile(SLOW_CHAR)
 _ENTITY_START_RE = re.compile(ENTITY_START)
+_AFTER_INERT_AMP = np.frombuffer(b"\t\n\x0c ", np.uint8)  # ENTITY_START's bytes, for `slow_texts`
 
 
 def is_fast_text(text: str) -> bool:
@@ -189,5 +190,3 @@ def slow_texts(texts: pa.Array) -> np.ndarray:
         slow = np.concatenate([slow, amp[~(ends_text | inert)]])
     return np.unique(np.searchsorted(offsets, slow + offsets[0], side="right") - 1)
 
-
-_AFTER_INERT_AMP = np.frombuffer(b"\t\n\x0c ", np.uint8)
