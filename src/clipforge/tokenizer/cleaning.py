@@ -189,4 +189,3 @@ def slow_texts(texts: pa.Array) -> np.ndarray:
         inert = np.isin(data[np.minimum(after, data.size - 1)], _AFTER_INERT_AMP)
         slow = np.concatenate([slow, amp[~(ends_text | inert)]])
     return np.unique(np.searchsorted(offsets, slow + offsets[0], side="right") - 1)
-
