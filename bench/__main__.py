@@ -130,7 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     started, loads = time.time(), [os.getloadavg()[0]]
     pool = Pool(settings)
     rows, durations, failed = [], {}, {}
+
+    def save(final: bool) -> None:
+        """The report of the rows so far: a run stopped by a time limit keeps its finished families."""
+        if any(r.family == "peak" for r in rows):
+            envs["peak"] = peak.peak_gflops(rows)
+        meta = {**facts(settings, envs, started, loads, durations), "failed": failed}
+        if not final:
+            meta["unfinished"] = [f for f in families if f not in durations]
+        if args.out:
+            for path in report.write(rows, meta, args.out):
+                print(f"wrote {path}" if final else f"   (so far: {path})", flush=True)
+        elif final:
+            print(report.markdown(rows, meta, None))
+
     try:
+        envs = {
+            "ours": pool.run(CLIPFORGE, "bench.machine:environment", libs=["clipforge"]),
+            "peers": pool.run(
+                PEERS[0], "bench.machine:environment", libs=["openclip", "hf", "openai", "instant"]
+            ),
+        }
         for family in families:
             print(f"== {family}", flush=True)
             start = time.time()
@@ -142,26 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             durations[family] = time.time() - start
             loads.append(os.getloadavg()[0])
             print(f"   {durations[family]:.0f} s, load average {loads[-1]:.2f}", flush=True)
+            if family != families[-1]:
+                save(final=False)
         if "peak" in families and len(families) > 1:  # again at the end: the machine's speed drifts
             print("== peak, again", flush=True)
             rows = merge_peak(rows, peak.run(pool))
-        envs = {
-            "ours": pool.run(CLIPFORGE, "bench.machine:environment", libs=["clipforge"]),
-            "peers": pool.run(
-                PEERS[0], "bench.machine:environment", libs=["openclip", "hf", "openai", "instant"]
-            ),
-        }
     finally:
         pool.close()
-    if any(r.family == "peak" for r in rows):
-        envs["peak"] = peak.peak_gflops(rows)
-    meta = facts(settings, envs, started, loads, durations)
-    meta["failed"] = failed
-    if args.out:
-        for path in report.write(rows, meta, args.out):
-            print(f"wrote {path}")
-    else:
-        print(report.markdown(rows, meta, None))
+    save(final=True)
     return 1 if failed else 0
 
 

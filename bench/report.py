@@ -99,6 +99,11 @@ def machine_lines(meta: dict) -> list[str]:
         "OpenAI's released models (parameter counts are compared: a mismatch would be flagged in a note)",
         *(f"**Not measured: {family}** ({why})" for family, why in meta.get("failed", {}).items()),
         *(
+            [f"**Unfinished run** (saved after each family); not yet measured: {', '.join(unfinished)}"]
+            if (unfinished := meta.get("unfinished"))
+            else []
+        ),
+        *(
             [
                 f"Contenders measured: {', '.join(LABELS[k] for k in s['contenders'])} "
                 "(the tokenizer rows: all)"
