@@ -167,6 +167,10 @@ def test_slow_texts_are_exactly_the_texts_that_are_not_fast() -> None:
     want = [i for i, t in enumerate(texts) if not is_fast_text(t)]
     assert 1000 < len(want) < len(texts) - 1000
     assert slow_texts(pa.array(texts, pa.string())).tolist() == want
+    # A slice of an array (its offsets start inside the buffers), and an empty one.
+    part = pa.array(texts, pa.string()).slice(1000, 500)
+    assert slow_texts(part).tolist() == [i - 1000 for i in want if 1000 <= i < 1500]
+    assert slow_texts(pa.array([], pa.string())).tolist() == []
 
 
 def test_arrow_split_gives_the_chunks_of_str_split() -> None:
