@@ -115,7 +115,7 @@ _FTFY_MAX_SEGMENT = ftfy.TextFixerConfig().max_decode_length
 
 
 def fix_text(text: str) -> str:
-    """`ftfy.fix_text(text)`, without running ftfy where the result is known (2-4x faster there: its
+    """`ftfy.fix_text(text)`, without running ftfy where the result is known (2-3x faster there: its
     mojibake test, `is_bad`, is most of what is left).
 
     With no trigger character (see `_FTFY_TRIGGER`), ftfy's first pass changes a text only by straightening
