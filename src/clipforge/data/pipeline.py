@@ -17,7 +17,8 @@ worker ``w`` is given the batches ``k + w + nW``, so the loader's round robin yi
 
 A bad sample is dropped from its batch (which is then smaller than B) and counted in ``Batch.skipped``
 by reason: counts travel with the batches, so they reach the training process from any worker.
-Random augmentation is keyed by (seed, epoch, sample), never by which worker or when.
+Random augmentation is keyed by (seed, epoch, sample), never by which worker or when, and nothing here
+draws from the global random states (torch's, numpy's, Python's): those belong to the training loop.
 """
 
 from __future__ import annotations
@@ -274,7 +275,11 @@ class TrainData:
         return len(self.source) // self.cfg.batch_size
 
     def batches(self, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches ``start_batch``, ``start_batch + 1``, ... forever; the same ones on every call."""
+        """Batches ``start_batch``, ``start_batch + 1``, ... forever; the same ones on every call.
+
+        The loader (and its workers) start now, not at the first ``next``, and draw nothing from the
+        global random states: a training loop can set those after this call, and they stay its own.
+        """
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         stream = BatchStream(self.source, self.make, self.cfg.batch_size, self.seed, start_batch)
@@ -285,11 +290,19 @@ class TrainData:
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch if workers else None,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            # The workers' base seed comes from here, not from torch's global generator (which a
+            # training step's patch dropout draws from). Batches are keyed by (seed, epoch, sample),
+            # so the workers' own seeds change nothing in them.
+            generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
         )
-        for expected, batch in enumerate(loader, start=start_batch):
-            if batch.index != expected:  # would mean the loader stopped taking workers in turn
-                raise RuntimeError(f"data stream out of order: got batch {batch.index}, expected {expected}")
-            yield batch
+        return _in_order(iter(loader), start_batch)
+
+
+def _in_order(batches: Iterator[Batch], start_batch: int) -> Iterator[Batch]:
+    for expected, batch in enumerate(batches, start=start_batch):
+        if batch.index != expected:  # would mean the loader stopped taking workers in turn
+            raise RuntimeError(f"data stream out of order: got batch {batch.index}, expected {expected}")
+        yield batch
 
 
 def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, image_size: int, seed: int) -> TrainData:

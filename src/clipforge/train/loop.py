@@ -23,7 +23,7 @@ from clipforge.configs import dump_toml, to_dict
 from clipforge.data import build_train_loader
 from clipforge.models import CLIP
 from clipforge.tokenizer import get_tokenizer
-from clipforge.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from clipforge.train.checkpointing import RngState, load_checkpoint, resolve_resume, save_checkpoint
 from clipforge.train.config import TrainConfig
 from clipforge.train.evaluation import make_evaluator
 from clipforge.train.loss import MAX_LOGIT_SCALE, clamp_logit_scale, contrastive_loss, sigmoid_loss
@@ -180,13 +180,17 @@ class Trainer:
         self.evaluate = make_evaluator(cfg, self.tokenizer, image_size, self.device)
         # Counters that a checkpoint carries: batches drawn (the data position), skipped samples by reason.
         self.state: dict[str, Any] = {"step": 0, "batches": 0, "skipped": {}, "last_zeroshot": {}}
+        self.resuming = bool(resume)  # from a checkpoint, or from step 0 if the run has none yet
+        self.saved_rng: RngState | None = None  # restored when the loop starts, not here (see _loop)
         checkpoint = resolve_resume(self.run_dir, resume)
         if checkpoint is not None:
-            self.state.update(load_checkpoint(checkpoint, self.model, self.optimizer))
+            state, self.saved_rng = load_checkpoint(checkpoint, self.model, self.optimizer)
+            self.state.update(state)
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
 
     def run(self) -> TrainResult:
-        metrics = MetricsLog(self.run_dir)
+        # A resumed run drops what the stopped one logged after its checkpoint: it logs those steps anew.
+        metrics = MetricsLog(self.run_dir, resume_step=self.state["step"] if self.resuming else None)
         progress = Progress(self.cfg.schedule.steps, self.state["step"], enabled=self.cfg.run.progress)
         try:
             result = self._loop(metrics, progress)
@@ -199,6 +203,10 @@ class Trainer:
     def _loop(self, metrics: MetricsLog, progress: Progress) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = self.data.batches(start_batch=state["batches"])
+        if self.saved_rng is not None:
+            # Where the saving run was: its loader had started, its next step had not. So whatever
+            # starting up draws (now or in a later version), patch dropout continues the same stream.
+            self.saved_rng.restore()
         speed, bad_in_a_row, loss = Throughput(), 0, float("nan")
         while state["step"] < cfg.schedule.steps:
             step = state["step"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,19 @@ CURVES_FILE = "curves.png"
 
 
 class MetricsLog:
-    """Append-only metric records, one JSON object per line with a `step` field."""
+    """Append-only metric records, one JSON object per line with a `step` field.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    `resume_step=k` continues a run from its checkpoint at step k: the records of later steps (which the
+    stopped run logged, and this one logs again) are dropped first, so steps never repeat.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         self.path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            truncate_metrics(self.path, resume_step)
         # Line-buffered: a killed run keeps every line written so far.
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (open for the run's lifetime)
-        self._tb = _tensorboard_writer(run_dir) if tensorboard else None
+        self._tb = _tensorboard_writer(run_dir, resume_step) if tensorboard else None
 
     def write(self, step: int, **values: Any) -> None:
         record = {"step": step, **values}
@@ -34,12 +41,37 @@ class MetricsLog:
             self._tb.close()
 
 
-def _tensorboard_writer(run_dir: Path) -> Any | None:
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step`, atomically (a temporary file renamed over the old one).
+
+    A line a killed run left half-written is not JSON: it is dropped too.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tensorboard_writer(run_dir: Path, resume_step: int | None) -> Any | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    # purge_step hides the events the stopped run wrote after its checkpoint, as in metrics.jsonl.
+    purge = None if resume_step is None else resume_step + 1
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
