@@ -25,7 +25,7 @@ ORDER = ["clipforge", "openclip", "hf", "openai", "instant", "clipforge_peer_tor
 OURS = "clipforge"
 
 INTRO = (
-    "Measured by the suite in `bench/` (issue 7): clipforge side by side with OpenCLIP, HF transformers and "
+    "Measured by the suite in `bench/`: clipforge side by side with OpenCLIP, HF transformers and "
     "OpenAI's `clip`. Numbers are reported, never asserted in tests. To reproduce: `bench/setup_env.sh` (the "
     "peers' environment), then `python -m bench all --out docs/benchmarks.md` from clipforge's venv "
     "(`--quick` for a ~4-minute check; `bench/gpu.sh` for a CUDA GPU). `--from-json docs/benchmarks.json` "
