@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from clipforge.data import DataConfig, build_train_loader
-from helpers import captions_of, stub_tokenizer
+from conftest import captions_of, stub_tokenizer, write_tar
 
 SIZE = 16
 
@@ -55,14 +54,11 @@ def shards(tmp_path_factory) -> str:
     """Four shards of 6 samples (one with an empty caption), as img2dataset writes them."""
     folder = tmp_path_factory.mktemp("shards")
     for s in range(4):
-        with tarfile.open(folder / f"part-{s}.tar", "w") as tar:
-            for k in range(6):
-                i = 6 * s + k
-                caption = b"" if i == 9 else f"sample {i}".encode()
-                for name, data in ((f"{i:04d}.png", image_bytes(i)), (f"{i:04d}.txt", caption)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = {}
+        for i in range(6 * s, 6 * s + 6):
+            members[f"{i:04d}.png"] = image_bytes(i)
+            members[f"{i:04d}.txt"] = b"" if i == 9 else f"sample {i}".encode()
+        write_tar(folder / f"part-{s}.tar", members)
     return str(folder / "part-{0..3}.tar")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from PIL import Image
 from clipforge.data import SKIP_REASONS, DataConfig, TrainData, build_train_loader
 from clipforge.data.samples import choose_caption
 from clipforge.data.webdataset import count_samples, shuffle_buffer
-from helpers import captions_of, stub_tokenizer
+from conftest import captions_of, stub_tokenizer, write_tar
 
 SIZE = 16  # model input side in these tests
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"
@@ -144,15 +143,6 @@ def test_folder_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def write_shard(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
 def write_shards(folder: Path, shards: int = 3, per_shard: int = 8, bad: bool = False) -> str:
     """``shards`` tars of ``per_shard`` samples (img2dataset layout); ``bad``: shard 1 has 4 bad ones."""
     for s in range(shards):
@@ -168,7 +158,7 @@ def write_shards(folder: Path, shards: int = 3, per_shard: int = 8, bad: bool = 
             members[f"{s * per_shard + 1:06d}.txt"] = b" \n"
             del members[f"{s * per_shard + 2:06d}.txt"]
             del members[f"{s * per_shard + 4:06d}.png"]
-        write_shard(folder / f"train-{s:03d}.tar", members)
+        write_tar(folder / f"train-{s:03d}.tar", members)
     return str(folder / f"train-{{000..{shards - 1:03d}}}.tar")
 
 

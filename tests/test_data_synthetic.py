@@ -12,7 +12,7 @@ import torch
 
 from clipforge.data import DataConfig, build_train_loader, synthetic, synthetic_zeroshot_set
 from clipforge.data.synthetic import COLOURS, HELDOUT, SHAPES, Scene, SyntheticSource, render
-from helpers import stub_tokenizer
+from conftest import stub_tokenizer
 
 
 def test_sample_is_a_function_of_seed_and_index():

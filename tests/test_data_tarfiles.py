@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import tarfile
@@ -11,6 +10,7 @@ import pytest
 
 from clipforge.data import tarfiles
 from clipforge.data.tarfiles import tar_files
+from conftest import write_tar
 
 NAMES = [
     "000001.jpg",
@@ -23,19 +23,17 @@ NAMES = [
 ]
 
 
-def write_tar(path, fmt: int, names=NAMES) -> None:
-    with tarfile.open(path, "w", format=fmt) as tar:
-        folder = tarfile.TarInfo("a-folder/")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-        link = tarfile.TarInfo("a-link")
-        link.type, link.linkname = tarfile.SYMTYPE, NAMES[0]
-        tar.addfile(link)
-        for i, name in enumerate(names):
-            data = b"" if name == "empty.txt" else bytes(range(256)) * (i + 1) + name.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+def write_names(path, fmt: int, names=NAMES) -> None:
+    """A folder and a link (which readers leave out), then a file for each name, in tar format `fmt`."""
+    folder = tarfile.TarInfo("a-folder/")
+    folder.type = tarfile.DIRTYPE
+    link = tarfile.TarInfo("a-link")
+    link.type, link.linkname = tarfile.SYMTYPE, NAMES[0]
+    files = [
+        (name, b"" if name == "empty.txt" else bytes(range(256)) * (i + 1) + name.encode())
+        for i, name in enumerate(names)
+    ]
+    write_tar(path, [(folder.name, folder), (link.name, link), *files], format=fmt)
 
 
 def reference(path) -> list[tuple[str, bytes]]:
@@ -47,7 +45,7 @@ def reference(path) -> list[tuple[str, bytes]]:
 def test_same_files_as_tarfile_in_every_format(tmp_path, fmt):
     names = NAMES if fmt != tarfile.USTAR_FORMAT else [n for n in NAMES if n.isascii()]
     path = tmp_path / "shard.tar"
-    write_tar(path, fmt, names)
+    write_names(path, fmt, names)
     got = list(tar_files(str(path)))
     assert got == reference(path)
     assert [n for n, _ in got] == [n for n in names if n != "__index__"]
@@ -56,7 +54,7 @@ def test_same_files_as_tarfile_in_every_format(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_long_names_and_pax_headers_are_read_without_tarfile(tmp_path, fmt, monkeypatch):
     path = tmp_path / "shard.tar"
-    write_tar(path, fmt)
+    write_names(path, fmt)
     expected = reference(path)
     monkeypatch.setattr(tarfiles, "_tarfile_files", lambda path: pytest.fail("fell back to tarfile"))
     assert list(tar_files(str(path))) == expected
@@ -64,17 +62,14 @@ def test_long_names_and_pax_headers_are_read_without_tarfile(tmp_path, fmt, monk
 
 def test_a_global_pax_header_hands_over_to_tarfile(tmp_path):
     path = tmp_path / "shard.tar"
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tar:
-        for name in ("a.jpg", "a.txt"):
-            info = tarfile.TarInfo(name)
-            info.size = 3
-            tar.addfile(info, io.BytesIO(b"abc"))
+    members = {"a.jpg": b"abc", "a.txt": b"abc"}
+    write_tar(path, members, format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"})
     assert list(tar_files(str(path))) == reference(path) == [("a.jpg", b"abc"), ("a.txt", b"abc")]
 
 
 def test_a_bad_header_is_reported_after_the_good_files(tmp_path):
     path = tmp_path / "shard.tar"
-    write_tar(path, tarfile.USTAR_FORMAT, ["a.jpg", "a.txt", "b.jpg"])
+    write_names(path, tarfile.USTAR_FORMAT, ["a.jpg", "a.txt", "b.jpg"])
     raw = bytearray(path.read_bytes())
     third = raw.index(b"b.jpg")  # the third file's header starts with its name
     raw[third + 100] ^= 0xFF  # damage its mode field: the checksum no longer matches
@@ -87,7 +82,7 @@ def test_a_bad_header_is_reported_after_the_good_files(tmp_path):
 
 def test_a_cut_off_archive_is_an_error_not_a_silent_end(tmp_path):
     path = tmp_path / "shard.tar"
-    write_tar(path, tarfile.USTAR_FORMAT, ["a.jpg", "b.jpg"])
+    write_names(path, tarfile.USTAR_FORMAT, ["a.jpg", "b.jpg"])
     raw = path.read_bytes()
     path.write_bytes(raw[: raw.index(b"b.jpg") + 512 + 100])  # b.jpg's header and 100 of its bytes
     with pytest.raises(tarfile.ReadError, match=r"'b\.jpg' is cut off"):

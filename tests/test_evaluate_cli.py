@@ -3,11 +3,8 @@
 import csv
 import json
 
-import test_evaluate_suite
 from clipforge.cli import main
-
-eval_files = test_evaluate_suite.eval_files  # the fixture: a saved tiny model and labelled shards
-write_suite = test_evaluate_suite.write_suite
+from conftest import write_suite  # with conftest's `eval_files`: a saved tiny model and labelled shards
 
 COMMON = ["--workers", "0", "--batch-size", "4", "--no-progress"]
 

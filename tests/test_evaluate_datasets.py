@@ -1,12 +1,8 @@
-"""Evaluation data readers: tar shards, class folders, caption folders and CSV files, made in tmp_path.
-
-`write_shard` and `colour_png` are also used by the other evaluation tests.
-"""
+"""Evaluation data readers: tar shards, class folders, caption folders and CSV files, made in tmp_path
+(with conftest's `write_shard`, `labelled_samples` and `colour_png`)."""
 
 import gzip
 import io
-import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,43 +11,7 @@ from PIL import Image
 
 from clipforge.evaluate.datasets import DataSpec, ImageDataset, read_captioned, read_labelled
 from clipforge.transforms import EvalTransform
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
-
-
-def colour_png(colour: str, size: int = 12, shade: int = 0) -> bytes:
-    """A small PNG of one colour (a `shade` offset makes images of the same colour differ)."""
-    r, g, b = COLOURS[colour]
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), (r, max(0, g - shade), b)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def write_shard(path: Path, samples: list[dict]) -> Path:
-    """A webdataset tar: each sample dict maps an extension to bytes, str or a JSON-able dict ("__key__")."""
-    with tarfile.open(path, "w") as tar:
-        for sample in samples:
-            for ext, value in sample.items():
-                if ext == "__key__":
-                    continue
-                data = json.dumps(value).encode() if isinstance(value, dict) else value
-                data = data.encode() if isinstance(data, str) else data
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def labelled_samples(colours: list[str], start: int = 0) -> list[dict]:
-    return [
-        {
-            "__key__": f"s{start + i:04d}",
-            "png": colour_png(c, shade=i),
-            "json": {"label": c},
-            "txt": f"a {c} square",
-        }
-        for i, c in enumerate(colours)
-    ]
+from conftest import colour_png, labelled_samples, write_shard
 
 
 def test_shard_labels_map_to_class_indices_and_unknown_or_imageless_samples_are_skipped(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from clipforge.evaluate.datasets import DataSpec, read_labelled
 from clipforge.evaluate.features import capture_pre_projection, image_encoder, image_features
 from clipforge.models import create_model
-from test_evaluate_datasets import labelled_samples, write_shard
+from conftest import labelled_samples, write_shard
 
 
 def test_vit_pre_projection_features_are_the_embedding_before_proj():

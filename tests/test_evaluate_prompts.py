@@ -9,7 +9,7 @@ import torch
 from clipforge.evaluate.prompts import available_prompts, load_prompts, load_templates
 from clipforge.evaluate.zeroshot import build_classifier, build_classifier_for_names
 from clipforge.models import create_model
-from helpers import word_tokenizer as stub_tokenizer
+from conftest import word_tokenizer as stub_tokenizer
 
 
 def test_builtin_sets_are_openais_published_prompts():

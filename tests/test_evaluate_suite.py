@@ -1,75 +1,14 @@
-"""Suites: every task kind on a saved tiny model, a written report, and a feature cache that is hit.
-
-`eval_files` (a saved ViT-Micro with a tiny trained tokenizer, labelled shards, a class file) is also
-used by the command-line tests.
-"""
+"""Suites: every task kind on a saved tiny model (conftest's `eval_files`), a written report, and a feature
+cache that is hit."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-import torch
 
-import clipforge
 from clipforge.evaluate import load_suite, run_suite
 from clipforge.models import CLIP
-from clipforge.tokenizer import train_tokenizer
-from test_evaluate_datasets import labelled_samples, write_shard
-
-COLOURS = ["red", "green", "blue"]
-
-
-@pytest.fixture(scope="module")
-def eval_files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("eval")
-    (root / "captions.txt").write_text("\n".join(f"a {c} square" for c in COLOURS * 10))
-    tokenizer = train_tokenizer([root / "captions.txt"], vocab_size=600)
-    torch.manual_seed(0)
-    clipforge.save(clipforge.create_model("ViT-Micro-16-32"), root / "model", tokenizer)
-    write_shard(root / "train.tar", labelled_samples(COLOURS * 6))
-    write_shard(root / "eval.tar", labelled_samples(COLOURS * 3, start=100))
-    (root / "classes.json").write_text(json.dumps(COLOURS))
-    return {
-        "root": root,
-        "model": root / "model",
-        "train": root / "train.tar",
-        "eval": root / "eval.tar",
-        "classes": root / "classes.json",
-    }
-
-
-def write_suite(
-    path: Path, files: dict[str, Path], out_dir: Path, cache_dir: Path, probe: bool = True
-) -> Path:
-    probe_task = f"""
-[[task]]
-kind = "linear-probe"
-train = "{files["train"]}"
-data = "{files["eval"]}"
-"""
-    path.write_text(
-        f"""
-model = "{files["model"]}"
-out_dir = "{out_dir}"
-cache_dir = "{cache_dir}"
-workers = 0
-batch_size = 4
-
-[[task]]
-kind = "zeroshot"
-name = "colours"
-data = "{files["eval"]}"
-classes = "{files["classes"]}"
-templates = "a {{}} square"
-
-[[task]]
-kind = "retrieval"
-data = "{files["eval"]}"
-"""
-        + (probe_task if probe else "")
-    )
-    return path
+from conftest import write_suite
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import torch
 
 from clipforge.evaluate.zeroshot import accuracy_report, build_classifier, fill_template, zeroshot_logits
 from clipforge.models import create_model
-from helpers import word_tokenizer as stub_tokenizer
+from conftest import word_tokenizer as stub_tokenizer
 
 
 def test_classifier_is_normalized_mean_of_normalized_template_embeddings():

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import test_train_loop
 from clipforge.checkpoints import load_model, save
 from clipforge.configs import load_toml
 from clipforge.models import create_model
@@ -18,9 +17,7 @@ from clipforge.train.checkpointing import list_checkpoints
 from clipforge.train.config import TrainConfig
 from clipforge.train.loop import Trainer, build_model, train, train_step
 from clipforge.train.model import model_config
-from test_train_loop import tiny_config
-
-tokenizer_dir = test_train_loop.tokenizer_dir  # the same fixture: a 600-id vocabulary of synthetic captions
+from conftest import tiny_config  # with conftest's `tokenizer_dir`: a 600-id vocabulary
 
 PAPER_LOGIT_SCALE = torch.tensor(math.log(1 / 0.07)).item()  # as a float32 parameter holds it
 

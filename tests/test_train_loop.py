@@ -1,4 +1,5 @@
-"""End-to-end training on the synthetic set with a tiny model and a tiny trained tokenizer (no vocab file)."""
+"""End-to-end training on the synthetic set with a tiny model and a tiny trained tokenizer (no vocab file):
+the `tokenizer_dir` fixture and `tiny_config` are in conftest.py."""
 
 from __future__ import annotations
 
@@ -14,34 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clipforge.configs import apply_overrides
-from clipforge.data.synthetic import SyntheticSource
-from clipforge.tokenizer import train_tokenizer
 from clipforge.train import loop as loop_module
 from clipforge.train.checkpointing import list_checkpoints
-from clipforge.train.config import TrainConfig
 from clipforge.train.loop import TrainingStopped, train
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 600-id vocabulary trained on synthetic captions: the trained-tokenizer path, and small embeddings."""
-    root = tmp_path_factory.mktemp("tok")
-    source = SyntheticSource(image_size=32, samples=400, seed=0)
-    (root / "captions.txt").write_text("\n".join(source[i].caption for i in range(len(source))))
-    train_tokenizer([root / "captions.txt"], vocab_size=600).save(root / "tokenizer")
-    return root / "tokenizer"
-
-
-def tiny_config(out_dir: Path, tokenizer_dir: Path, *extra: str) -> TrainConfig:
-    args = [
-        "--model.name", "ViT-Micro-16-32", "--model.tokenizer", str(tokenizer_dir),
-        "--data.batch_size", "32", "--data.context_length", "16", "--data.synthetic_samples", "64",
-        "--optim.lr", "5e-4", "--schedule.steps", "8", "--schedule.warmup_steps", "2",
-        "--eval.every", "-1", "--run.out_dir", str(out_dir), "--run.threads", "1", "--run.log_every", "1",
-        "--run.progress", "false", "--run.checkpoint_every", "4", "--run.keep_checkpoints", "5",
-    ]  # fmt: skip
-    return apply_overrides(TrainConfig(), [*args, *extra])
+from conftest import tiny_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -91,7 +68,7 @@ KILLED_RUN = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_train_loop import tiny_config
+from conftest import tiny_config
 from clipforge.train import loop
 real_save = loop.save_checkpoint
 def save_then_die(run_dir, step, *args, **kwargs):

@@ -1,0 +1,241 @@
+"""Shared test helpers and fixtures.
+
+Fixtures here are found by pytest; the plain functions are imported with `from conftest import ...` (pytest
+puts tests/ on sys.path), so no test module imports another.
+
+Tests that need OpenAI's BPE vocabulary carry `pytest.mark.needs_openai_bpe`: without the file they skip,
+except in CI (`CI` set to a true value) or with `CLIPFORGE_REQUIRE_BPE=1`, where they fail, so a missing
+file cannot turn the tokenizer's tests into silent skips.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from clipforge.configs import apply_overrides
+from clipforge.tokenizer import find_openai_bpe
+from clipforge.train.config import TrainConfig
+
+# ----------------------------------------------------------------------------------------------------
+# OpenAI's vocabulary: skip without it locally, fail without it in CI
+# ----------------------------------------------------------------------------------------------------
+
+
+def bpe_required() -> bool:
+    """Whether a missing OpenAI vocabulary is a failure (CI, or asked for) rather than a skip."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or os.environ.get("CLIPFORGE_REQUIRE_BPE", "") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_openai_bpe: needs bpe_simple_vocab_16e6.txt.gz (skips locally, fails in CI)"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Runs before the test's fixtures, so a fixture that hides the file from a test does not count.
+    if item.get_closest_marker("needs_openai_bpe") is None or find_openai_bpe() is not None:
+        return
+    message = (
+        "OpenAI's bpe_simple_vocab_16e6.txt.gz not found: set CLIPFORGE_BPE_PATH or put it in "
+        "~/.cache/clipforge (see docs/tokenizer.md)"
+    )
+    if bpe_required():
+        pytest.fail(message + " [required: CI or CLIPFORGE_REQUIRE_BPE=1]", pytrace=False)
+    pytest.skip(message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers that need no vocabulary file
+# ----------------------------------------------------------------------------------------------------
+
+
+def stub_tokenizer(texts: list[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:
+    """Bytes as token ids: enough for the data pipeline, needs no vocabulary file, and reversible."""
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = list(text.encode())[:context_length]
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def captions_of(tokens: torch.Tensor) -> list[str]:
+    """The texts back from `stub_tokenizer` ids."""
+    return [bytes(row[row > 0].tolist()).decode() for row in tokens]
+
+
+def word_tokenizer(texts: list[str]) -> torch.Tensor:
+    """Deterministic ids per word in a 16-token context, SOT first and EOT (the largest id) last, as a
+    CLIP text tower expects; no vocabulary file needed."""
+    out = torch.zeros(len(texts), 16, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [49406, *[sum(map(ord, w)) % 49000 + 1 for w in text.split()][:14], 49407]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tar files: the one writer every test uses
+# ----------------------------------------------------------------------------------------------------
+
+Member = bytes | str | dict | list | tarfile.TarInfo
+
+
+def write_tar(
+    path: Path,
+    members: Mapping[str, Member] | Iterable[tuple[str, Member]],
+    format: int = tarfile.DEFAULT_FORMAT,
+    pax_headers: dict[str, str] | None = None,
+) -> Path:
+    """A tar of `members` in order: name -> bytes, str (UTF-8) or a dict/list (JSON). A `TarInfo` value is
+    added as it is, without data (folders, links). `format` is one of tarfile's *_FORMAT constants;
+    `pax_headers` go into a global header (pax format)."""
+    items = members.items() if isinstance(members, Mapping) else members
+    with tarfile.open(path, "w", format=format, pax_headers=pax_headers) as tar:
+        for name, value in items:
+            if isinstance(value, tarfile.TarInfo):
+                tar.addfile(value)
+                continue
+            data = json.dumps(value).encode() if isinstance(value, dict | list) else value
+            data = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_shard(path: Path, samples: list[dict]) -> Path:
+    """A webdataset shard: each sample maps an extension to its member (see `write_tar`), plus "__key__"."""
+    members = [
+        (f"{sample['__key__']}.{ext}", value)
+        for sample in samples
+        for ext, value in sample.items()
+        if ext != "__key__"
+    ]
+    return write_tar(path, members)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labelled evaluation data
+# ----------------------------------------------------------------------------------------------------
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def colour_png(colour: str, size: int = 12, shade: int = 0) -> bytes:
+    """A small PNG of one colour (a `shade` offset makes images of the same colour differ)."""
+    r, g, b = COLOURS[colour]
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), (r, max(0, g - shade), b)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def labelled_samples(colours: list[str], start: int = 0) -> list[dict]:
+    """Webdataset samples of coloured squares: a PNG, a JSON label and a caption each."""
+    return [
+        {
+            "__key__": f"s{start + i:04d}",
+            "png": colour_png(c, shade=i),
+            "json": {"label": c},
+            "txt": f"a {c} square",
+        }
+        for i, c in enumerate(colours)
+    ]
+
+
+@pytest.fixture(scope="module")
+def eval_files(tmp_path_factory) -> dict[str, Path]:
+    """A saved ViT-Micro with a tiny trained tokenizer, labelled train/eval shards and a class file."""
+    from clipforge import create_model, save
+    from clipforge.tokenizer import train_tokenizer
+
+    names = list(COLOURS)
+    root = tmp_path_factory.mktemp("eval")
+    (root / "captions.txt").write_text("\n".join(f"a {c} square" for c in names * 10))
+    tokenizer = train_tokenizer([root / "captions.txt"], vocab_size=600)
+    torch.manual_seed(0)
+    save(create_model("ViT-Micro-16-32"), root / "model", tokenizer)
+    write_shard(root / "train.tar", labelled_samples(names * 6))
+    write_shard(root / "eval.tar", labelled_samples(names * 3, start=100))
+    (root / "classes.json").write_text(json.dumps(names))
+    return {
+        "root": root,
+        "model": root / "model",
+        "train": root / "train.tar",
+        "eval": root / "eval.tar",
+        "classes": root / "classes.json",
+    }
+
+
+def write_suite(
+    path: Path, files: dict[str, Path], out_dir: Path, cache_dir: Path, probe: bool = True
+) -> Path:
+    """A suite file over `eval_files`: zero-shot, retrieval and (with `probe`) a linear probe."""
+    probe_task = f"""
+[[task]]
+kind = "linear-probe"
+train = "{files["train"]}"
+data = "{files["eval"]}"
+"""
+    path.write_text(
+        f"""
+model = "{files["model"]}"
+out_dir = "{out_dir}"
+cache_dir = "{cache_dir}"
+workers = 0
+batch_size = 4
+
+[[task]]
+kind = "zeroshot"
+name = "colours"
+data = "{files["eval"]}"
+classes = "{files["classes"]}"
+templates = "a {{}} square"
+
+[[task]]
+kind = "retrieval"
+data = "{files["eval"]}"
+"""
+        + (probe_task if probe else "")
+    )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 600-id vocabulary trained on synthetic captions: the trained-tokenizer path, and small embeddings."""
+    from clipforge.data.synthetic import SyntheticSource
+    from clipforge.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    source = SyntheticSource(image_size=32, samples=400, seed=0)
+    (root / "captions.txt").write_text("\n".join(source[i].caption for i in range(len(source))))
+    train_tokenizer([root / "captions.txt"], vocab_size=600).save(root / "tokenizer")
+    return root / "tokenizer"
+
+
+def tiny_config(out_dir: Path, tokenizer_dir: Path, *extra: str) -> TrainConfig:
+    """A ViT-Micro run on 64 synthetic samples: 8 steps of 32, checkpoints every 4, one thread."""
+    args = [
+        "--model.name", "ViT-Micro-16-32", "--model.tokenizer", str(tokenizer_dir),
+        "--data.batch_size", "32", "--data.context_length", "16", "--data.synthetic_samples", "64",
+        "--optim.lr", "5e-4", "--schedule.steps", "8", "--schedule.warmup_steps", "2",
+        "--eval.every", "-1", "--run.out_dir", str(out_dir), "--run.threads", "1", "--run.log_every", "1",
+        "--run.progress", "false", "--run.checkpoint_every", "4", "--run.keep_checkpoints", "5",
+    ]  # fmt: skip
+    return apply_overrides(TrainConfig(), [*args, *extra])
