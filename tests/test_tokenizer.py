@@ -2,7 +2,8 @@
 
 The fixture (tests/fixtures/tokenizer/openai_golden.jsonl.gz, made by scripts/make_tokenizer_golden.py with
 OpenAI's own code) holds >2,000 adversarial strings with OpenAI's `encode`, `decode` and `clip.tokenize` rows
-(context 77 and 16, truncate off and on). These tests need OpenAI's vocabulary file and skip without it.
+(context 77 and 16, truncate off and on). These tests need OpenAI's vocabulary file: they skip without it,
+except in CI (or with CLIPFORGE_REQUIRE_BPE=1), where they fail.
 """
 
 from __future__ import annotations
@@ -17,16 +18,12 @@ import pytest
 import torch
 
 import clipforge.tokenizer.core as core
-from clipforge.tokenizer import ClipTokenizer, find_openai_bpe, get_tokenizer
+from clipforge.tokenizer import ClipTokenizer, get_tokenizer
 from clipforge.tokenizer.vocab import OPENAI_BPE_SHA256
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer" / "openai_golden.jsonl.gz"
 
-pytestmark = pytest.mark.skipif(
-    find_openai_bpe() is None,
-    reason="OpenAI's bpe_simple_vocab_16e6.txt.gz not found: set CLIPFORGE_BPE_PATH "
-    "or put it in ~/.cache/clipforge",
-)
+pytestmark = pytest.mark.needs_openai_bpe  # conftest.py: skips without the file, fails without it in CI
 
 
 def _load_fixture() -> tuple[dict, list[dict]]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,11 +24,7 @@ from clipforge.tokenizer.vocab import (
 )
 
 REAL = find_openai_bpe()
-needs_vocab = pytest.mark.skipif(
-    REAL is None,
-    reason="OpenAI's bpe_simple_vocab_16e6.txt.gz not found: set CLIPFORGE_BPE_PATH "
-    "or put it in ~/.cache/clipforge",
-)
+needs_vocab = pytest.mark.needs_openai_bpe  # conftest.py: skips without the file, fails without it in CI
 
 
 @pytest.fixture()
@@ -101,3 +100,39 @@ def test_read_merges_formats(tmp_path: Path) -> None:
     path.write_text("#header\na b c\n", encoding="utf-8")
     with pytest.raises(ValueError, match="two space-separated"):
         read_merges(path)
+
+
+NEEDS_BPE_TEST = """
+import pytest
+
+@pytest.mark.needs_openai_bpe
+def test_uses_the_vocabulary():
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "outcome"),
+    [
+        ({}, "1 skipped"),
+        ({"CI": "true"}, "1 error"),
+        ({"CLIPFORGE_REQUIRE_BPE": "1"}, "1 error"),
+        ({"CI": "true", "CLIPFORGE_BPE_PATH": "present"}, "1 passed"),
+    ],
+)
+def test_missing_vocabulary_skips_locally_and_fails_in_ci(tmp_path: Path, env: dict, outcome: str) -> None:
+    # A separate pytest run with this suite's conftest.py as a plugin; the file is nowhere to be found,
+    # except in the last case (where any file at $CLIPFORGE_BPE_PATH counts as found).
+    (tmp_path / "test_inner.py").write_text(NEEDS_BPE_TEST)
+    (tmp_path / "present").write_bytes(b"")
+    base = {k: v for k, v in os.environ.items() if k not in ("CI", "CLIPFORGE_REQUIRE_BPE")}
+    base |= {"CLIPFORGE_BPE_PATH": "", "CLIPFORGE_CACHE": str(tmp_path / "cache")}
+    base["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), base.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-p", "no:cacheprovider", "test_inner.py"],
+        cwd=tmp_path, env=base | env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert outcome in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == (1 if "error" in outcome else 0)
+    if "error" in outcome:  # a failure at setup: reported as an error, and the run fails
+        assert "bpe_simple_vocab_16e6.txt.gz not found" in proc.stdout
