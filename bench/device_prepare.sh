@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Prepares the GPU suite for a machine lent through the workplace's `device` tool (see docs/benchmarks.md,
-# "On a lent GPU"). That machine has Python 3.12 with CUDA torch, torchvision, transformers, timm,
-# tokenizers, regex, pyarrow and safetensors, and nothing can be fetched there: the other packages the suite
+# Prepares the GPU suite for a GPU machine without network access (see docs/benchmarks.md, "On a GPU"),
+# run on a machine that has network. The GPU machine is expected to have Python 3.12 with CUDA torch,
+# torchvision, transformers, timm, tokenizers, regex, pyarrow and safetensors; the other packages the suite
 # needs (ftfy for clipforge's tokenizer; OpenCLIP and OpenAI's code as the peers) travel as wheels in .whl/,
-# which git ignores and the call carries. Then, in one call:
+# which git ignores. Copy the checkout with .whl/ to the GPU machine, then run there:
 #
-#   run(command="bash bench/device_run.sh", carry=[".whl"], timeout_s=600)
+#   bash bench/device_run.sh
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU suite on a machine lent through the `device` tool, in one call (bench/device_prepare.sh first):
-# the GPU families (matmul peak, encoding, training step, training memory) of `python -m bench`, with
-# clipforge and the peers in that machine's one Python. The data pipeline and tokenizer are CPU work,
-# measured on this project's own machine (docs/benchmarks.md); their data does not travel.
+# The GPU suite on a GPU machine without network access, in one command (bench/device_prepare.sh first,
+# and the checkout copied there with its .whl/): the GPU families (matmul peak, encoding, training step,
+# training memory) of `python -m bench`, with clipforge and the peers in that machine's one Python. The
+# data pipeline and tokenizer are CPU work, measured on a CPU machine (docs/benchmarks.md); their data does
+# not travel.
 #
-#   run(command="bash bench/device_run.sh", carry=[".whl"], timeout_s=600)
+#   bash bench/device_run.sh [FAMILY ...]      # default: peak encode train memory
 #
 # Writes $OUT/benchmarks-gpu.{md,png,json} and $OUT/log. PY and DEVICE override python3 and cuda (a dry
 # run elsewhere: PY=/path/to/python DEVICE=cpu bash bench/device_run.sh --quick peak).
@@ -17,7 +18,7 @@ out="${OUT:-/tmp/clipforge-gpu}"
 site="${SITE:-/tmp/site}"
 mkdir -p "$out"
 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-    || { echo "installing the carried wheels failed (did bench/device_prepare.sh run, and carry name .whl?)"; exit 1; }
+    || { echo "installing the wheels in .whl/ failed (did bench/device_prepare.sh run, and was .whl/ copied?)"; exit 1; }
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # The suite runs the peers with <env>/bin/python: here that is the same interpreter.
 peers="$(mktemp -d)"

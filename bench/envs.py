@@ -81,7 +81,7 @@ class WorkerProcess:
 
     def __init__(self, settings: Settings, env: str, log_dir: Path) -> None:
         environ = dict(os.environ)
-        # This checkout first; then whatever the caller had (bench/device_run.sh puts carried packages there).
+        # This checkout first; then whatever the caller had (bench/device_run.sh puts its wheels there).
         inherited = [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), *inherited])
         if SHARED_BPE.exists():

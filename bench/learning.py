@@ -1,4 +1,4 @@
-"""Learning ablations (issue 6): one recipe, one lever changed at a time, each run trained and then evaluated
+"""Learning ablations: one recipe, one lever changed at a time, each run trained and then evaluated
 by the same protocol as the OpenCLIP baseline (bench/openclip_baseline.py).
 
     python -m bench.learning --steps 300 --variants base sigmoid "best=--optim.lr 1e-3 --loss.name sigmoid"
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> flags changed from the recipe. Each is one lever of issue 6, alone.
+# name -> flags changed from the recipe. Each is one lever, alone.
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "sigmoid": ["--loss.name", "sigmoid"],  # SigLIP: per-pair sigmoid, t=10, b=-10 at the start

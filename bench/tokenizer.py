@@ -2,10 +2,13 @@
 
 Needs OpenAI's reference code, so it runs in an environment that has it (`clip-anytorch`; optionally
 `instant-clip-tokenizer` and `transformers` for the extra contenders). clipforge is imported from this
-checkout's src/ and needs only torch, numpy, tokenizers, ftfy, regex and pyarrow there:
+checkout's src/ and needs only torch, numpy, tokenizers, ftfy, regex and pyarrow there (bench/setup_env.sh
+makes such an environment, by default ../benchenv). From the repository root:
 
     CLIPFORGE_BPE_PATH=/path/to/bpe_simple_vocab_16e6.txt.gz \\
-        /work/refenv/bin/python bench/tokenizer.py --data /work/shared/data/pictext --n 10000
+        ../benchenv/bin/python bench/tokenizer.py --data ../shared/data/pictext --n 10000
+
+--data defaults to shared/data/pictext beside the checkout.
 
 Each contender turns the same N captions (`{key}.txt` of the webdataset shards) into an [N, 77] array,
 truncate on, in three situations, each on a freshly built tokenizer (build time not counted):
@@ -229,7 +232,9 @@ def report(contenders: list[Contender], n: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/pictext"))
+    # The pictext shards of the shared folder beside the checkout.
+    pictext = Path(__file__).resolve().parents[2] / "shared" / "data" / "pictext"
+    parser.add_argument("--data", type=Path, default=pictext)
     parser.add_argument("--n", type=int, default=10000, help="captions in the batch (the rest prime caches)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per contender and situation")
     parser.add_argument("--json", type=Path, help="also write all results here")
