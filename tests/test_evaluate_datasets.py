@@ -23,11 +23,12 @@ def test_shard_labels_map_to_class_indices_and_unknown_or_imageless_samples_are_
     write_shard(tmp_path / "eval.tar", samples)
     data = read_labelled(DataSpec(str(tmp_path / "eval.tar")), ["blue", "green", "red"])
     assert data.labels == [2, 1, 0, 2] and data.skipped == 2 and len(data) == 4
+    assert data.skipped_by_reason == {"unknown_label": 1, "missing_image": 1}
     assert data.keys == ["s0000", "s0001", "s0002", "s0003"]
     transform = EvalTransform(16)
-    decoded = ImageDataset(data.images, transform)[1]
+    decoded, ok = ImageDataset(data.images, transform)[1]
     expected = transform(Image.open(io.BytesIO(samples[1]["png"])))
-    assert torch.equal(decoded, expected)
+    assert ok and torch.equal(decoded, expected)
 
 
 def test_shard_labels_from_cls_members_and_classes_from_the_labels_found(tmp_path):

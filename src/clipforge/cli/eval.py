@@ -79,6 +79,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--int8", action="store_true", help="evaluate the int8 inference copy of the model")
     p.add_argument("--cache-dir", default="", help="cache features here (default: no cache)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="leave out (and count) images with more pixels, undecoded (default 64,000,000; 0: no limit)",
+    )
     p.add_argument("--json", default="", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true")
 
@@ -116,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
     )
     cache = FeatureCache(args.cache_dir) if args.cache_dir else None
     settings = {"batch_size": args.batch_size, "workers": args.workers, "device": args.device}
+    settings["max_image_pixels"] = args.max_image_pixels
     try:
+        if args.max_image_pixels is not None and args.max_image_pixels < 0:
+            raise ValueError(f"--max-image-pixels must be >= 0, got {args.max_image_pixels}")
         evaluator = Evaluator.load(
             args.model, int8=args.int8, cache=cache, progress=not args.no_progress, **settings
         )
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"clipforge eval {args.kind}: {e}")
         return 2
-    print(f"{result.name}: {result.details['n']} images ({result.details['skipped']} skipped)")
+    print(f"{result.name}: {result.details['n']} images ({skipped_summary(result.details)})")
     print(results_table([result]))
     if getattr(args, "confusion", ""):
         names = load_prompts(task.classes).classnames
@@ -134,6 +144,14 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {"model": args.model, **result.as_dict()})
         print(f"results: {args.json}")
     return 0
+
+
+def skipped_summary(details: dict) -> str:
+    """ "3 skipped: 2 corrupt_image, 1 too_large" (or "0 skipped") from a task's details."""
+    by_reason = {reason: n for reason, n in details.get("skipped_by_reason", {}).items() if n}
+    if not by_reason:
+        return f"{details['skipped']} skipped"
+    return f"{details['skipped']} skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
 
 
 def run_suite_command(args: argparse.Namespace) -> int:
@@ -154,6 +172,8 @@ def run_suite_command(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as e:
         print(f"clipforge eval suite: {e}")
         return 2
+    for result in outcome.results:
+        print(f"{result.name}: {result.details['n']} images ({skipped_summary(result.details)})")
     print(results_table(outcome.results))
     print(f"feature cache: {outcome.cache_hits} hits, {outcome.cache_misses} misses")
     print(f"report: {outcome.out_dir}/results.md, results.json, results.png")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipforge.transforms.loading import DEFAULT_MAX_IMAGE_PIXELS
+
 SOURCES = ("synthetic", "webdataset", "csv", "folder")
 
 # Spellings of the tab separator that survive a shell and a CLI mapper.
@@ -38,6 +40,9 @@ class DataConfig:
     synthetic_samples: int = 100_000  # synthetic: pictures per epoch (rendered on the fly, never stored)
     synthetic_seed: int = 0  # synthetic: picks the pictures themselves; the training seed only orders them
     synthetic_holdout: bool = True  # synthetic: keep the held-out colour-shape pairs out of training
+    # Images whose header declares more pixels are skipped ("too_large") without being decoded; 0 = no
+    # limit (Pillow still refuses over 179 MP). Training-time evaluation uses the same limit.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # 64 MP; see transforms/loading.py
 
     def validate(self) -> DataConfig:
         """Raise ValueError naming the first field whose value cannot work; return self."""

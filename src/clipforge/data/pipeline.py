@@ -38,13 +38,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipforge.data.config import DataConfig
 from clipforge.data.folder import FolderSource
 from clipforge.data.samples import (
-    CORRUPT_IMAGE,
     MISSING_IMAGE,
     SKIP_REASONS,
     RawSample,
     Skip,
     choose_caption,
     derive_seed,
+    image_skip,
     read_caption,
 )
 from clipforge.data.synthetic import SyntheticSource
@@ -103,8 +103,10 @@ class BatchMaker:
         image_size: int,
         context_length: int,
         captions: str = "all",
+        max_pixels: int | None = None,
     ) -> None:
         self.transform = transform
+        self.max_pixels = max_pixels  # DataConfig.max_image_pixels: larger images are skipped undecoded
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.context_length = context_length
@@ -134,14 +136,14 @@ class BatchMaker:
         if raw.image is None:
             raise Skip(MISSING_IMAGE)
         try:
-            image = raw.image if isinstance(raw.image, Image.Image) else self.transform.load(raw.image)
+            image = raw.image
+            if not isinstance(image, Image.Image):
+                image = self.transform.load(image, self.max_pixels)
             if isinstance(self.transform, TrainTransform):
                 return self.transform(image, key=key), caption
             return self.transform(image), caption
-        except FileNotFoundError as exc:
-            raise Skip(MISSING_IMAGE, str(exc)) from exc
         except Exception as exc:  # PIL raises many types for broken files; none may stop training
-            raise Skip(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from exc
+            raise image_skip(exc) from exc
 
     def _stack(self, images: list[torch.Tensor]) -> torch.Tensor:
         if not images:
@@ -316,7 +318,9 @@ def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, image_size: int, s
     if not isinstance(source, ShardSource) and len(source) < cfg.batch_size:
         raise ValueError(f"{source!r} has {len(source)} samples, fewer than data.batch_size={cfg.batch_size}")
     transform = _transform(cfg, image_size, seed)
-    make = BatchMaker(transform, tokenizer, image_size, cfg.context_length, cfg.captions)
+    make = BatchMaker(
+        transform, tokenizer, image_size, cfg.context_length, cfg.captions, cfg.max_image_pixels
+    )
     return TrainData(cfg, source, make, seed)
 
 

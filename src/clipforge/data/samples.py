@@ -12,13 +12,15 @@ import hashlib
 from dataclasses import dataclass
 
 from clipforge.transforms import ImageSource
+from clipforge.transforms.loading import ImageTooLarge
 
 MISSING_IMAGE = "missing_image"  # no image in the sample, or its file is gone
 CORRUPT_IMAGE = "corrupt_image"  # the image bytes do not decode (or the transform rejects the image)
 MISSING_CAPTION = "missing_caption"  # no caption, or one that is empty after stripping whitespace
 UNREADABLE_SHARD = "unreadable_shard"  # a tar shard failed to open or broke mid-way (counts events)
+TOO_LARGE = "too_large"  # the image header declares more pixels than data.max_image_pixels (not decoded)
 
-SKIP_REASONS: tuple[str, ...] = (MISSING_IMAGE, CORRUPT_IMAGE, MISSING_CAPTION, UNREADABLE_SHARD)
+SKIP_REASONS: tuple[str, ...] = (MISSING_IMAGE, CORRUPT_IMAGE, MISSING_CAPTION, UNREADABLE_SHARD, TOO_LARGE)
 
 
 @dataclass
@@ -34,6 +36,15 @@ class Skip(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def image_skip(exc: Exception) -> Skip:
+    """The `Skip` for an image that failed to load: missing file, over the pixel limit, or corrupt."""
+    if isinstance(exc, FileNotFoundError):
+        return Skip(MISSING_IMAGE, str(exc))
+    if isinstance(exc, ImageTooLarge):
+        return Skip(TOO_LARGE, str(exc))
+    return Skip(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}")  # PIL raises many types for broken files
 
 
 def read_caption(caption: str | bytes | None) -> str:

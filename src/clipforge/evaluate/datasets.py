@@ -17,41 +17,38 @@ Formats (`DataSpec.format`, "auto" picks by the path):
 - csv: an image-path column (`image_key`, relative paths are relative to the CSV's folder) and a label
   column (`label_key`) or a caption column (`caption_key`); rows naming the same image add captions to it.
 
-A label that is not one of the class names is skipped and counted (`EvalData.skipped`), never guessed.
+Samples that cannot be used are left out and counted by reason (`EvalData.skipped_by_reason`), never
+guessed and never a crash: when read, a sample without an image, a label that is not one of the class
+names, no caption; when decoded, an image that is missing, does not decode, or declares more pixels than
+the limit (`transforms.loading.DEFAULT_MAX_IMAGE_PIXELS` unless set) -- see `drop_undecodable`.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
+import logging
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 
-from clipforge.transforms import EvalTransform, load_image
+from clipforge.data.samples import MISSING_CAPTION, MISSING_IMAGE, Skip, image_skip
+from clipforge.transforms import EvalTransform
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 # ------------------------------------------------------------------------------------------------------
-# Class-name and template files, and the streamed shard reader used by training's in-loop evaluation
+# Template files
 # ------------------------------------------------------------------------------------------------------
-
-
-def read_classnames(path: str | Path) -> list[str]:
-    """A JSON list of class names (or a dict whose values are the names, in key order)."""
-    data = json.loads(Path(path).read_text())
-    names = list(data.values()) if isinstance(data, dict) else data
-    if not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{path}: expected a JSON list of class-name strings")
-    return names
 
 
 def read_templates(path: str | Path) -> list[str]:
@@ -61,39 +58,6 @@ def read_templates(path: str | Path) -> list[str]:
     if not templates or bad:
         raise ValueError(f"{path}: every template needs '{{}}' for the class name (bad: {bad[:3]})")
     return templates
-
-
-def iter_labelled_shards(
-    spec: str,
-    classnames: Sequence[str],
-    image_size: int,
-    label_key: str = "label",
-    batch_size: int = 256,
-    max_samples: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches from shards in file order; samples whose label is no class are skipped."""
-    import webdataset as wds
-
-    index = {name: i for i, name in enumerate(classnames)}
-    transform = EvalTransform(image_size)
-    images, labels, seen = [], [], 0
-    for sample in wds.WebDataset(spec, shardshuffle=False, empty_check=False):
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None or "json" not in sample:
-            continue
-        label = json.loads(sample["json"]).get(label_key)
-        if label not in index:
-            continue
-        images.append(transform(Image.open(io.BytesIO(sample[key]))))
-        labels.append(index[label])
-        seen += 1
-        if len(images) == batch_size or seen == max_samples:
-            yield torch.stack(images), torch.tensor(labels)
-            images, labels = [], []
-        if seen == max_samples:
-            return
-    if images:
-        yield torch.stack(images), torch.tensor(labels)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -142,6 +106,9 @@ class ImageRef:
         return self.path if self.size < 0 else f"{self.path}@{self.offset}"
 
 
+UNKNOWN_LABEL = "unknown_label"  # a sample with no label, or one that is not among the classes
+
+
 @dataclass
 class EvalData:
     """Images in dataset order, each with a class index (`labels`) or its captions (`captions`)."""
@@ -150,30 +117,92 @@ class EvalData:
     labels: list[int] | None = None
     captions: list[list[str]] | None = None
     classnames: list[str] | None = None
-    skipped: int = 0  # samples left out: no image, no label among the classes, or no caption
+    # Samples left out, by reason: when read (missing_image, unknown_label, missing_caption) and when
+    # decoded (corrupt_image, too_large; see `drop_undecodable`).
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
     source: str = ""
     keys: list[str] = field(default_factory=list)  # each image's sample key or path, for messages
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+    def discard(self, reasons: dict[int, str]) -> None:
+        """Remove the images at the given indices (in place), counting each under its reason."""
+        keep = [i for i in range(len(self.images)) if i not in reasons]
+        self.images = [self.images[i] for i in keep]
+        self.keys = [self.keys[i] for i in keep] if self.keys else []
+        if self.labels is not None:
+            self.labels = [self.labels[i] for i in keep]
+        if self.captions is not None:
+            self.captions = [self.captions[i] for i in keep]
+        self.skipped_by_reason = dict(Counter(self.skipped_by_reason) + Counter(reasons.values()))
+
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset of decoded, eval-transformed images; item i is image i of `images`."""
+    """Map-style dataset of decoded, eval-transformed images: item i is (image i, True), or
+    (zeros, False) when image i cannot be used -- a missing file, bytes that do not decode, or more
+    than `max_pixels` pixels (None: the default limit). A bad image never stops a DataLoader worker."""
 
-    def __init__(self, images: Sequence[ImageRef], transform: EvalTransform):
+    def __init__(self, images: Sequence[ImageRef], transform: EvalTransform, max_pixels: int | None = None):
         self.images = list(images)
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        ref = self.images[index]
+    def decode(self, index: int) -> torch.Tensor:
+        """Image `index`, transformed; raises when it cannot be used."""
+        return self.transform(self.transform.load(self.images[index].read(), self.max_pixels))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
         try:
-            return self.transform(load_image(ref.read(), None))
-        except Exception as e:  # evaluation never drops an image silently: the metric would change
-            raise ValueError(f"cannot decode image {index} ({ref}): {e}") from e
+            return self.decode(index), True
+        except Exception:  # why is found again by `problem`, in the main process, for the few bad ones
+            size = self.transform.image_size
+            return torch.zeros(3, size, size), False
+
+    def problem(self, index: int) -> Skip | None:
+        """Why image `index` cannot be used (a `Skip` with a reason of data.samples), or None."""
+        try:
+            self.decode(index)
+        except Exception as exc:
+            return image_skip(exc)
+        return None
+
+
+def drop_undecodable(
+    data: EvalData, features: torch.Tensor, transform: EvalTransform, max_pixels: int | None = None
+) -> torch.Tensor:
+    """Remove from `data` (in place) the images whose `features` row is NaN -- the mark
+    `features.image_features` leaves for an image that did not decode -- counted by reason, and return
+    the other rows: features and `data` stay aligned. The reason is found by decoding those images
+    again (few, and the cached features do not hold it); a NaN row whose image does decode is kept."""
+    failed = torch.isnan(features).all(dim=1).nonzero().flatten().tolist()
+    dataset = ImageDataset(data.images, transform, max_pixels)
+    skips = {i: skip for i in failed if (skip := dataset.problem(i)) is not None}
+    if not skips:
+        return features
+    counts = Counter(skip.reason for skip in skips.values())
+    first, skip = next(iter(skips.items()))
+    log.warning(
+        "%s: %d image(s) left out (%s); the first, %s: %s",
+        data.source,
+        len(skips),
+        ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())),
+        data.keys[first] if data.keys else data.images[first],
+        skip,
+    )
+    data.discard({i: skip.reason for i, skip in skips.items()})
+    if not data.images:
+        raise ValueError(f"{data.source}: no image could be used ({data.skipped_by_reason})")
+    keep = torch.ones(len(features), dtype=torch.bool)
+    keep[list(skips)] = False
+    return features[keep]
 
 
 def read_labelled(spec: DataSpec, classnames: Sequence[str] | None = None) -> EvalData:
@@ -182,13 +211,21 @@ def read_labelled(spec: DataSpec, classnames: Sequence[str] | None = None) -> Ev
     found = [label for _, label, _ in records if label is not None]
     names = list(classnames) if classnames is not None else _classes_from_labels(found)
     index = _label_index(names, found, spec)
-    usable = [(ref, index[label], key) for ref, label, key in records if ref is not None and label in index]
+    skipped: Counter[str] = Counter()
+    usable = []
+    for ref, label, key in records:
+        if ref is None:
+            skipped[MISSING_IMAGE] += 1
+        elif label not in index:
+            skipped[UNKNOWN_LABEL] += 1
+        else:
+            usable.append((ref, index[label], key))
     kept = usable[: spec.max_samples or None]
     data = EvalData(
         images=[ref for ref, _, _ in kept],
         labels=[label for _, label, _ in kept],
         classnames=names,
-        skipped=len(records) - len(usable),
+        skipped_by_reason=dict(skipped),
         source=spec.path,
         keys=[key for _, _, key in kept],
     )
@@ -197,13 +234,20 @@ def read_labelled(spec: DataSpec, classnames: Sequence[str] | None = None) -> Ev
 
 def read_captioned(spec: DataSpec) -> EvalData:
     """Images with their captions (one or more each), in dataset order."""
-    records = list(_captioned_records(spec))
-    usable = [(ref, captions, key) for ref, captions, key in records if ref is not None and captions]
+    skipped: Counter[str] = Counter()
+    usable = []
+    for ref, captions, key in _captioned_records(spec):
+        if ref is None:
+            skipped[MISSING_IMAGE] += 1
+        elif not captions:
+            skipped[MISSING_CAPTION] += 1
+        else:
+            usable.append((ref, captions, key))
     kept = usable[: spec.max_samples or None]
     data = EvalData(
         images=[ref for ref, _, _ in kept],
         captions=[captions for _, captions, _ in kept],
-        skipped=len(records) - len(usable),
+        skipped_by_reason=dict(skipped),
         source=spec.path,
         keys=[key for _, _, key in kept],
     )

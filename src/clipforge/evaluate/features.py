@@ -68,17 +68,26 @@ def image_features(
     workers: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
-    """(N, D) float32 features of `images` (decoded in `workers` processes), on the CPU, in order."""
+    """(N, D) float32 features of `images` (decoded in `workers` processes), on the CPU, in order.
+
+    Images are streamed: at most a few batches are decoded at a time, whatever N. The row of an image
+    that cannot be used (see `ImageDataset`; `max_pixels` as there) is NaN; `drop_undecodable` removes
+    those rows and counts them."""
     encode = image_encoder(model, layer)
-    transform = EvalTransform(model.config.vision.image_size)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(images, transform), batch_size=batch_size, shuffle=False, num_workers=workers
-    )
-    chunks = []
-    for batch in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
-        chunks.append(encode(batch.to(device)).cpu())
-    return torch.cat(chunks)
+    dataset = ImageDataset(images, EvalTransform(model.config.vision.image_size), max_pixels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    features = torch.full((len(dataset), 0), torch.nan)  # its width is known at the first usable image
+    start = 0
+    for batch, ok in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
+        if ok.any():
+            encoded = encode(batch[ok].to(device)).cpu()
+            if features.shape[1] == 0:
+                features = torch.full((len(dataset), encoded.shape[1]), torch.nan)
+            features[start : start + len(batch)][ok] = encoded
+        start += len(batch)
+    return features
 
 
 @torch.no_grad()

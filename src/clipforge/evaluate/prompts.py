@@ -49,9 +49,8 @@ def available_prompts() -> list[str]:
 def load_prompts(name_or_path: str | Path) -> Prompts:
     """Class names (and templates, when the source has them) from a built-in name or a JSON file.
 
-    A file holds a JSON list of class names, an object mapping ids to names (in key order, as
-    `read_classnames` reads it), or an object {"classes": [...], "templates": [...]} where a class is a
-    name or a list of names.
+    A file holds a JSON list of class names, an object mapping ids to names (in key order), or an
+    object {"classes": [...], "templates": [...]} where a class is a name or a list of names.
     """
     path = Path(name_or_path)
     if path.is_file():

@@ -19,7 +19,13 @@ import torch
 from torch import nn
 
 from clipforge.evaluate.cache import FeatureCache, images_fingerprint, model_fingerprint
-from clipforge.evaluate.datasets import DataSpec, EvalData, read_captioned, read_labelled
+from clipforge.evaluate.datasets import (
+    DataSpec,
+    EvalData,
+    drop_undecodable,
+    read_captioned,
+    read_labelled,
+)
 from clipforge.evaluate.features import encode_texts, image_features
 from clipforge.evaluate.linear_probe import LinearProbeResult, linear_probe
 from clipforge.evaluate.prompts import Prompts, load_prompts, load_templates
@@ -31,6 +37,7 @@ from clipforge.evaluate.zeroshot import (
     zeroshot_logits,
 )
 from clipforge.transforms import EvalTransform
+from clipforge.transforms.loading import DEFAULT_MAX_IMAGE_PIXELS
 
 TaskKind = Literal["zeroshot", "linear-probe", "retrieval"]
 
@@ -48,6 +55,7 @@ class Evaluator:
     device: str = "cpu"
     progress: bool = False
     cache: FeatureCache | None = None
+    max_image_pixels: int | None = None  # larger images are left out undecoded (None: the default limit)
 
     @classmethod
     def load(cls, name_or_path: str, int8: bool = False, **settings: Any) -> Evaluator:
@@ -77,15 +85,22 @@ class Evaluator:
         return self.cache.get_or_compute({"model": self.model_id, **description}, compute)
 
     def image_features(self, data: EvalData, layer: str = "embed") -> torch.Tensor:
-        """(N, D) features of the set's images, from the cache when it has them."""
+        """(N, D) features of the set's usable images, from the cache when it has them.
+
+        Images that cannot be used are removed from `data` (counted in its `skipped_by_reason`), so the
+        rows stay aligned with `data`: read its labels or captions after this call."""
         transform = EvalTransform(self.model.config.vision.image_size)
-        description = {"kind": "image", "layer": layer, "transform": repr(transform)}
+        limit = DEFAULT_MAX_IMAGE_PIXELS if self.max_image_pixels is None else self.max_image_pixels
+        description = {"kind": "image", "layer": layer, "transform": repr(transform), "max_pixels": limit}
         description["images"] = images_fingerprint(data.images)
         settings = {"batch_size": self.batch_size, "workers": self.workers, "device": self.device}
-        return self._cached(
+        features = self._cached(
             description,
-            lambda: image_features(self.model, data.images, layer=layer, progress=self.progress, **settings),
+            lambda: image_features(
+                self.model, data.images, layer=layer, progress=self.progress, max_pixels=limit, **settings
+            ),
         )
+        return drop_undecodable(data, features, transform, limit)
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         """(M, D) L2-normalized text features, from the cache when it has them."""
@@ -106,7 +121,8 @@ class Evaluator:
         classifier = build_classifier_for_names(
             self.model, self.tokenize, prompts.classes, templates, self.batch_size, self.device
         )
-        logits = zeroshot_logits(self.image_features(data).to(self.device), classifier).cpu()
+        features = self.image_features(data)  # leaves out the images that cannot be used, from data too
+        logits = zeroshot_logits(features.to(self.device), classifier).cpu()
         return accuracy_report(logits, torch.tensor(data.labels), confusion=confusion)
 
     def linear_probe(
@@ -119,10 +135,11 @@ class Evaluator:
     ) -> LinearProbeResult:
         """The paper's linear probe on `layer` features; test labels must use train's class indices."""
         num_classes = len(train.classnames or []) or None
+        train_features, test_features = self.image_features(train, layer), self.image_features(test, layer)
         return linear_probe(
-            self.image_features(train, layer),
+            train_features,
             torch.tensor(train.labels),
-            self.image_features(test, layer),
+            test_features,
             torch.tensor(test.labels),
             num_classes=num_classes,
             val_fraction=val_fraction,
@@ -131,10 +148,10 @@ class Evaluator:
 
     def retrieval(self, data: EvalData) -> RetrievalResult:
         """Image <-> text retrieval over the set's images and all their captions."""
+        images = self.image_features(data).to(self.device)  # first: it leaves out unusable images
         captions = data.captions or []
         texts = [caption for image_captions in captions for caption in image_captions]
         owner = torch.tensor([i for i, image_captions in enumerate(captions) for _ in image_captions])
-        images = self.image_features(data).to(self.device)
         return evaluate_retrieval(images, self.text_features(texts).to(self.device), owner.to(self.device))
 
 
@@ -198,7 +215,7 @@ def run_task(evaluator: Evaluator, task: TaskConfig, confusion: bool = False) ->
         result = evaluator.linear_probe(train, data, layer, task.val_fraction, task.seed)
         metrics = {"top1": result.top1, "top5": result.top5, "mean_per_class": result.mean_per_class}
         metrics["C"] = result.C
-        details.update(result.as_dict())
+        details.update(result.as_dict(), train_skipped_by_reason=train.skipped_by_reason)
     elif task.kind == "retrieval":
         data = read_captioned(task.spec(task.data))
         result = evaluator.retrieval(data)
@@ -206,7 +223,7 @@ def run_task(evaluator: Evaluator, task: TaskConfig, confusion: bool = False) ->
         details.update(n_images=result.n_images, n_texts=result.n_texts)
     else:
         raise ValueError(f"unknown task kind {task.kind!r}")
-    details.update(n=len(data), skipped=data.skipped)
+    details.update(n=len(data), skipped=data.skipped, skipped_by_reason=data.skipped_by_reason)
     return TaskResult(task.title, task.kind, metrics, details, result)
 
 

@@ -76,8 +76,10 @@ class ScheduleConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # zero-shot evaluation every N steps (0: only at the end); -1 disables it
-    data: str = "synthetic"  # "synthetic" (held-out combinations of the built-in set) or labelled shards
-    classes: str = ""  # JSON list of class names, for shards
+    # "auto": the synthetic held-out set when training on synthetic data, else no evaluation; "synthetic"
+    # (held-out combinations of the built-in set); or a labelled set: tar shards, a class-folder tree, a CSV
+    data: str = "auto"
+    classes: str = ""  # the class names of a labelled set: a JSON file or a built-in set (cifar10, ...)
     templates: str = ""  # a file of prompt templates with {} for the class; empty: the class name alone
     label_key: str = "label"  # the field of each sample's json holding its class name
     max_samples: int = 0  # evaluate on at most this many images (0: all)

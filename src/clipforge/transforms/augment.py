@@ -195,16 +195,19 @@ class TrainTransform:
         crop = np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])
         return hwc_to_normalized(resize_bicubic(crop, self.image_size), self.mean, self.std)
 
-    def load(self, source: ImageSource) -> Image.Image | np.ndarray:
+    def load(self, source: ImageSource, max_pixels: int | None = None) -> Image.Image | np.ndarray:
         """Decode ``source``, letting a large JPEG decode at reduced scale (never below `min_source_side`).
 
         JPEGs come back as RGB uint8 arrays (libjpeg-turbo, no PIL image), everything else as PIL images;
-        `__call__` takes both.
+        `__call__` takes both. ``max_pixels``: larger images raise `ImageTooLarge` from their header
+        (None: the default limit; 0: none).
         """
         from .loading import decode_jpeg_rgb, load_image  # not at the top: loading builds on this module
 
-        array = decode_jpeg_rgb(source, self.min_source_side)
-        return array if array is not None else load_image(source, self.min_source_side, margin=1.0)
+        array = decode_jpeg_rgb(source, self.min_source_side, max_pixels)
+        if array is not None:
+            return array
+        return load_image(source, self.min_source_side, margin=1.0, max_pixels=max_pixels)
 
     def __repr__(self) -> str:
         return (

@@ -168,11 +168,13 @@ class EvalTransform:
         image = image.convert("RGB")  # after the crop: converting first changes bits for LA/RGBA/P/...
         return _rgb_to_normalized(image, self.mean, self.std)
 
-    def load(self, source: ImageSource) -> Image.Image:
-        """Decode ``source`` at full resolution (no draft: the eval path must stay exact)."""
+    def load(self, source: ImageSource, max_pixels: int | None = None) -> Image.Image:
+        """Decode ``source`` at full resolution (no draft: the eval path must stay exact).
+
+        ``max_pixels``: larger images raise `ImageTooLarge` (None: the default limit; 0: none)."""
         from .loading import load_image  # not at the top: loading builds on this module
 
-        return load_image(source, None)
+        return load_image(source, None, max_pixels=max_pixels)
 
     def __repr__(self) -> str:
         return f"EvalTransform(image_size={self.image_size}, mean={self.mean}, std={self.std})"
