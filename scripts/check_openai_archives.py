@@ -14,7 +14,10 @@ load that file with `clipforge.checkpoints.load_model` (restricted unpickler; `t
 - image and text features and logits against OpenAI's eager model (`model.float()`, as `clip.load`
   does on the CPU) and against OpenAI's TorchScript archive itself loaded with `torch.jit.load`.
 
-    PYTHONPATH=src /work/refenv/bin/python scripts/check_openai_archives.py [ViT-B-32 RN50 ...]
+    PYTHONPATH=src $CLIPFORGE_REFENV/bin/python scripts/check_openai_archives.py [ViT-B-32 RN50 ...]
+
+`$CLIPFORGE_REFENV` is the reference environment, built by `bench/setup_env.sh $CLIPFORGE_REFENV`
+(docs/parity.md).
 """
 
 from __future__ import annotations
