@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -151,6 +153,27 @@ def labelled_samples(colours: list[str], start: int = 0) -> list[dict]:
         }
         for i, c in enumerate(colours)
     ]
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A valid 1-bit black PNG of `width` x `height` pixels, built without holding its pixels: a few KB
+    even at 12,000 x 12,000 (the shape of a decompression bomb)."""
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's packed bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def truncated_jpeg(size: int = 24) -> bytes:
+    """The first half of a JPEG: the header is whole, the image data cut off."""
+    out = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 40)).save(out, format="JPEG")
+    return out.getvalue()[: len(out.getvalue()) // 2]
 
 
 @pytest.fixture(scope="module")

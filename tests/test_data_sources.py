@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from clipforge.data import SKIP_REASONS, DataConfig, TrainData, build_train_loader
 from clipforge.data.samples import choose_caption
 from clipforge.data.webdataset import count_samples, shuffle_buffer
-from conftest import captions_of, stub_tokenizer, write_tar
+from clipforge.transforms.loading import ImageTooLarge, decode_jpeg_rgb, load_image
+from conftest import captions_of, huge_png, stub_tokenizer, write_tar
 
 SIZE = 16  # model input side in these tests
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"
@@ -267,3 +270,89 @@ def test_caption_sampling_trains_on_one_caption_per_sample_and_epoch(tmp_path):
     assert epochs == [sorted(captions_of(batch.tokens)) for batch in collect(cfg, 6)]  # reproducible
     whole = collect(DataConfig(source="folder", path=str(tmp_path), batch_size=4), 1)[0]
     assert all(c.count("caption") == 3 for c in captions_of(whole.tokens))  # "all": the whole text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pixel limit: images whose header declares too many pixels are skipped, never decoded
+# ----------------------------------------------------------------------------------------------------
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small baseline JPEG whose frame header (SOF0) is rewritten to declare `width` x `height`."""
+    data = bytearray(image_bytes(0, "JPEG"))
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The (width, height) of every image decoded (by PIL or libjpeg) in this process."""
+    sizes: list[tuple[int, int]] = []
+    pil_load = ImageFile.ImageFile.load
+
+    def load(image):
+        sizes.append(image.size)
+        return pil_load(image)
+
+    turbo_decode = simplejpeg.decode_jpeg
+
+    def decode_jpeg(data, *args, **kwargs):
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        sizes.append((width, height))
+        return turbo_decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", decode_jpeg)
+    return sizes
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_images_over_the_default_pixel_limit_are_skipped_without_decoding(tmp_path, decoded_sizes):
+    members = {f"{i:06d}.png": image_bytes(i) for i in range(6)}
+    members |= {f"{i:06d}.txt": f"sample {i}" for i in range(6)}
+    members["000002.png"] = huge_png(12_000, 12_000)  # 144 MP in 18 KB
+    members["000004.png"] = jpeg_declaring(12_000, 12_000)  # a JPEG header saying 144 MP
+    members["000004.jpg"] = members.pop("000004.png")
+    write_tar(tmp_path / "big.tar", sorted(members.items()))
+    cfg = DataConfig(source="webdataset", path=str(tmp_path / "big.tar"), batch_size=6, shuffle_buffer=0)
+    batch = collect(cfg, 1)[0]
+    assert batch.skipped["too_large"] == 2 and batch.skipped["corrupt_image"] == 0
+    assert sorted(captions_of(batch.tokens)) == [f"sample {i}" for i in (0, 1, 3, 5)]
+    assert decoded_sizes and all(w * h <= 24 * 20 for w, h in decoded_sizes)  # only the small ones
+
+
+def test_the_pixel_limit_is_a_data_field_and_zero_lifts_it(tmp_path):
+    (tmp_path / "img").mkdir()
+    rows = ["filepath,caption"]
+    for i in range(6):
+        side = 40 if i % 2 else 20  # 1600 or 400 pixels
+        Image.new("RGB", (side, side), (10 * i, 0, 0)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,sample {i}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(source="csv", path=str(tmp_path / "data.csv"), batch_size=6, max_image_pixels=1000)
+    batch = collect(cfg, 1)[0]
+    assert batch.skipped["too_large"] == 3 and sorted(captions_of(batch.tokens)) == [
+        "sample 0",
+        "sample 2",
+        "sample 4",
+    ]
+    cfg.max_image_pixels = 0
+    assert sum(collect(cfg, 1)[0].skipped.values()) == 0
+    cfg.max_image_pixels = 1600  # the limit itself is allowed
+    assert sum(collect(cfg, 1)[0].skipped.values()) == 0
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decoders_refuse_from_the_header(decoded_sizes):
+    with pytest.raises(ImageTooLarge, match="12000 x 12000 = 144,000,000 pixels"):
+        load_image(huge_png(12_000, 12_000))
+    with pytest.raises(ImageTooLarge, match="over the limit of 64,000,000"):
+        decode_jpeg_rgb(jpeg_declaring(12_000, 12_000), 16)
+    with pytest.raises(ImageTooLarge, match="over the limit of 100"):
+        load_image(image_bytes(0), max_pixels=100)
+    # Over Pillow's own limit (179 MP), even with no limit of ours: still "too large", not "corrupt".
+    with pytest.raises(ImageTooLarge):
+        load_image(huge_png(20_000, 10_000), max_pixels=0)
+    assert decoded_sizes == []
+    assert load_image(image_bytes(0), max_pixels=480).size == (24, 20)

@@ -3,8 +3,16 @@
 import csv
 import json
 
+import pytest
+
 from clipforge.cli import main
-from conftest import write_suite  # with conftest's `eval_files`: a saved tiny model and labelled shards
+from conftest import (
+    huge_png,
+    labelled_samples,
+    truncated_jpeg,
+    write_shard,
+    write_suite,
+)  # with conftest's `eval_files`: a saved tiny model and labelled shards
 
 COMMON = ["--workers", "0", "--batch-size", "4", "--no-progress"]
 
@@ -82,3 +90,45 @@ def test_int8_evaluates_the_quantized_copy_and_caches_it_apart(eval_files, tmp_p
     cached = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(cached) == 4  # image and text features, fp32 and int8: neither reused the other's
     assert results[True].keys() == results[False].keys()
+
+
+def bad_shard(path, huge: tuple[int, int]):
+    """Six labelled samples: 1 is a truncated JPEG, 2 a text file, 4 a PNG of `huge` pixels."""
+    samples = labelled_samples(["red", "green", "blue"] * 2, start=200)
+    samples[1]["png"], samples[2]["png"] = truncated_jpeg(), b"not an image"
+    samples[4]["png"] = huge_png(*huge)
+    return write_shard(path, samples)
+
+
+def test_unusable_images_are_counted_by_reason_in_the_output_and_the_json(eval_files, tmp_path, capsys):
+    shard = bad_shard(tmp_path / "bad.tar", (300, 300))
+    common = [
+        "--model",
+        str(eval_files["model"]),
+        "--data",
+        str(shard),
+        "--classes",
+        str(eval_files["classes"]),
+    ]
+    for run in range(2):  # the second run finds the features in the cache
+        out = tmp_path / f"zs{run}.json"
+        flags = ["--max-image-pixels", "10000", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+        assert main(["eval", "zeroshot", *common, *flags, *COMMON]) == 0
+        assert "3 images (3 skipped: 2 corrupt_image, 1 too_large)" in capsys.readouterr().out
+        result = json.loads(out.read_text())
+        assert result["n"] == 3 and result["skipped_by_reason"] == {"corrupt_image": 2, "too_large": 1}
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1  # the image features, made once
+    assert main(["eval", "zeroshot", *common, "--max-image-pixels", "-1", *COMMON]) == 2
+    assert "--max-image-pixels must be >= 0, got -1" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_the_suite_reports_unusable_images_per_task(eval_files, tmp_path, capsys):
+    shard = bad_shard(tmp_path / "bad.tar", (9_000, 8_000))  # 72 MP: over the default limit
+    files = {**eval_files, "eval": shard}
+    suite = write_suite(tmp_path / "suite.toml", files, tmp_path / "out", tmp_path / "cache", probe=True)
+    assert main(["eval", "suite", str(suite), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("3 images (3 skipped: 2 corrupt_image, 1 too_large)") == 3
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [r["skipped_by_reason"] for r in results] == [{"corrupt_image": 2, "too_large": 1}] * 3
+    assert results[2]["train_skipped_by_reason"] == {} and results[2]["n_test"] == 3

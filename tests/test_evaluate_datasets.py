@@ -9,9 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from clipforge.evaluate.datasets import DataSpec, ImageDataset, read_captioned, read_labelled
+from clipforge.evaluate.datasets import (
+    DataSpec,
+    ImageDataset,
+    drop_undecodable,
+    read_captioned,
+    read_labelled,
+)
+from clipforge.evaluate.features import image_features
+from clipforge.models import create_model
 from clipforge.transforms import EvalTransform
-from conftest import colour_png, labelled_samples, write_shard
+from conftest import colour_png, huge_png, labelled_samples, truncated_jpeg, write_shard
 
 
 def test_shard_labels_map_to_class_indices_and_unknown_or_imageless_samples_are_skipped(tmp_path):
@@ -115,3 +123,61 @@ def test_csv_labels_by_name_or_index_and_captions_grouped_by_image(tmp_path):
     assert caps.captions == [["red", "crimson"], ["green"]]
     with pytest.raises(ValueError, match="no column"):
         read_captioned(DataSpec(str(tmp_path / "caps.tsv"), caption_key="caption"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images that cannot be used: left out of features and data alike, counted by reason
+# ----------------------------------------------------------------------------------------------------
+
+
+def with_bad_images(samples: list[dict]) -> list[dict]:
+    """Samples 1 and 3 get a truncated JPEG and a text file named .jpg, sample 4 a 144 MP PNG."""
+    for i, image in ((1, truncated_jpeg()), (3, b"this is not an image\n")):
+        del samples[i]["png"]
+        samples[i]["jpg"] = image
+    samples[4]["png"] = huge_png(12_000, 12_000)
+    return samples
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_undecodable_shard_images_are_left_out_and_counted_and_the_rest_stay_aligned(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("ViT-Micro-16-32").eval()
+    colours = ["red", "green", "blue", "red", "green", "blue"]
+    write_shard(tmp_path / "bad.tar", with_bad_images(labelled_samples(colours)))
+    data = read_labelled(DataSpec(str(tmp_path / "bad.tar")), ["red", "green", "blue"])
+    assert len(data) == 6  # reading looks at no pixel
+    features = image_features(model, data.images, batch_size=2, workers=2)
+    assert torch.isnan(features).all(dim=1).tolist() == [False, True, False, True, True, False]
+    kept = drop_undecodable(data, features, EvalTransform(32))
+    assert data.skipped_by_reason == {"corrupt_image": 2, "too_large": 1} and data.skipped == 3
+    assert data.keys == ["s0000", "s0002", "s0005"] and data.labels == [0, 2, 2]
+    good = [labelled_samples(colours)[i] for i in (0, 2, 5)]
+    clean = read_labelled(DataSpec(str(write_shard(tmp_path / "good.tar", good))), ["red", "green", "blue"])
+    expected = image_features(model, clean.images, batch_size=2, workers=0)
+    # Other batch compositions: equal up to float32 summation order over widths of at most 256.
+    torch.testing.assert_close(kept, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_undecodable_folder_images_are_left_out_and_counted(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("ViT-Micro-16-32").eval()
+    root = write_class_folders(tmp_path / "set", {"red": ["red", "red"], "blue": ["blue", "blue", "blue"]})
+    (root / "red" / "broken.jpg").write_bytes(truncated_jpeg())
+    (root / "blue" / "notes.jpg").write_text("not an image")
+    data = read_labelled(DataSpec(str(root)))
+    (root / "blue" / "2.png").unlink()  # gone between reading the list and decoding
+    features = image_features(model, data.images, batch_size=4, workers=0)
+    kept = drop_undecodable(data, features, EvalTransform(32))
+    assert data.skipped_by_reason == {"corrupt_image": 2, "missing_image": 1}
+    assert len(kept) == len(data) == 4 and not torch.isnan(kept).any()
+    assert sorted(data.keys) == ["blue/0.png", "blue/sub/1.png", "red/0.png", "red/sub/1.png"]
+
+
+def test_a_set_without_one_usable_image_is_an_error(tmp_path):
+    (tmp_path / "set" / "red").mkdir(parents=True)
+    (tmp_path / "set" / "red" / "broken.jpg").write_bytes(truncated_jpeg())
+    data = read_labelled(DataSpec(str(tmp_path / "set")))
+    features = image_features(create_model("ViT-Micro-16-32").eval(), data.images, workers=0)
+    with pytest.raises(ValueError, match=r"set: no image could be used \(\{'corrupt_image': 1\}\)"):
+        drop_undecodable(data, features, EvalTransform(32))
