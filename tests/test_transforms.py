@@ -10,6 +10,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -56,8 +57,28 @@ def _fixture_image(fx: dict[str, np.ndarray], i: int) -> Image.Image:
     return image
 
 
-def test_openai_fixture_bit_exact(openai_fixture: dict[str, np.ndarray]) -> None:
+# Both pipelines resample with Pillow's C code, so the fixture holds OpenAI's outputs on the Pillow it was
+# made with. Its outputs are bit-identical on every Pillow checked, from 11.0 on: the resize and mode
+# conversion code is the same there. (Pillow 10 cannot resize I;16 images at all.) On a Pillow newer than
+# these, a change of the bicubic filter's rounding (fixed-point coefficients, uint8 results) can move a
+# pixel by one level, so each output may differ by at most 1 / (255 * std) after normalization; anything
+# more is a real change and needs a new fixture (docs/preprocessing.md).
+FIXTURE_PILLOW = "13.0.0"
+PILLOW_CHECKED = ("11.0.0", "11.3.0", "12.0.0", "13.0.0")  # bit-identical on each
+
+
+def pillow_levels(version: str) -> int:
+    """How many uint8 levels an output may move on this Pillow: 0 up to the newest checked major, else 1."""
+    major = int(version.split(".")[0])
+    assert major >= 11, f"Pillow {version} is older than every version the fixture was checked on"
+    return 0 if major <= int(PILLOW_CHECKED[-1].split(".")[0]) else 1
+
+
+def test_openai_fixture_matches_on_this_pillow(openai_fixture: dict[str, np.ndarray]) -> None:
     fx = openai_fixture
+    assert f"pillow {FIXTURE_PILLOW};" in str(fx["versions"])
+    levels = pillow_levels(PIL.__version__)
+    per_level = 1 / (255 * torch.tensor(OPENAI_STD).view(3, 1, 1))
     sizes = [int(n) for n in fx["sizes"]]
     modes = set()
     for i in range(int(fx["num_cases"])):
@@ -67,13 +88,21 @@ def test_openai_fixture_bit_exact(openai_fixture: dict[str, np.ndarray]) -> None
             expected = torch.from_numpy(fx[f"case{i}_out{n}"])
             got = EvalTransform(n)(image)
             assert got.dtype == torch.float32 and got.shape == (3, n, n)
-            assert torch.equal(got, expected), (
+            # A float32 one-level step is exact to ~1e-6 of itself; the 1.001 only absorbs that rounding.
+            moved = ((got - expected).abs() / per_level).max().item()
+            assert moved <= levels * 1.001 if levels else torch.equal(got, expected), (
                 image.mode,
                 image.size,
                 n,
-                float((got - expected).abs().max()),
+                moved,
             )
     assert {"L", "P", "RGBA", "LA", "CMYK", "I;16", "1", "RGB"} <= modes
+
+
+def test_pillow_versions_and_their_bound() -> None:
+    assert [pillow_levels(v) for v in (*PILLOW_CHECKED, "13.9.1", "14.0.0")] == [0, 0, 0, 0, 0, 1]
+    with pytest.raises(AssertionError, match="older than every version"):
+        pillow_levels("10.4.0")
 
 
 def test_openai_fixture_is_order_sensitive(openai_fixture: dict[str, np.ndarray]) -> None:
