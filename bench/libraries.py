@@ -162,7 +162,7 @@ def inference_form(built: Built, int8: bool) -> Built:
         return built
     from clipforge.models import for_inference, quantize_int8
 
-    m = quantize_int8(built.model, convolutions=True) if int8 else for_inference(built.model)
+    m = quantize_int8(built.model) if int8 else for_inference(built.model)
     return Built(m, m.encode_image, m.encode_text, lambda: m.logit_scale, describe(built)["parameters"])
 
 

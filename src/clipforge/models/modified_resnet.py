@@ -23,10 +23,6 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> tuple[nn.Co
 
 class Bottleneck(nn.Module):
     expansion = 4
-    # The convolutions `quantize_int8(..., convolutions=True)` may run in int8: those followed by BatchNorm
-    # and ReLU. conv3 and the downsample feed the residual sum; there int8 (one scale per input tensor) cost
-    # a small trained ResNet 0.001-0.002 of embedding cosine each, the others nothing (docs/benchmarks.md).
-    int8_convs = ("conv1", "conv2")
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1):
         super().__init__()
@@ -77,9 +73,6 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    # The stem's convolutions, each followed by BatchNorm and ReLU, may run in int8 (see Bottleneck).
-    int8_convs = ("conv1", "conv2", "conv3")
-
     def __init__(self, cfg: VisionConfig, output_dim: int, activation: str = "relu"):
         super().__init__()
         # `activation` configures the transformers; a ResNet always uses ReLU, as released.
