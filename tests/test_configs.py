@@ -32,16 +32,23 @@ def test_overrides_convert_to_the_field_types():
     ("args", "message"),
     [
         (["--inner.lrr", "1"], "unknown option --inner.lrr"),
-        (["--steps", "ten"], "steps: expected int"),
-        (["--steps", "1.5"], "steps: expected int"),
-        (["--flag", "maybe"], "flag: expected true/false"),
-        (["--inner.betas", "0.9"], r"inner.betas: expected 2 values"),
+        (["--steps", "ten"], "steps = 'ten': expected int"),
+        (["--steps", "1.5"], r"steps = '1\.5': expected int"),
+        (["--flag", "maybe"], "flag = 'maybe': expected true/false"),
+        (["--inner.betas", "0.9"], r"inner\.betas = '0\.9': expected 2 values"),
         (["steps"], "expected an option"),
+        (["--inner.betas", "[0.9"], r"inner\.betas = '\[0\.9': not a JSON list"),
     ],
 )
 def test_bad_overrides_name_the_field(args, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(Outer(), args)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1.5, True])
+def test_a_toml_number_that_is_no_int_is_an_error_naming_the_field(value):
+    with pytest.raises(ConfigError, match=r"^steps = .*: expected int"):
+        from_dict(Outer, {"steps": value})
 
 
 def test_unknown_keys_in_a_file_are_errors(tmp_path):

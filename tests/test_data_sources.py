@@ -226,7 +226,8 @@ def test_shuffle_buffer_is_a_seeded_permutation():
     ("fields", "message"),
     [
         ({"source": "parquet"}, "data.source"),
-        ({"source": "csv"}, "data.path is required"),
+        ({"source": "csv"}, "data.path = '': required for data.source = 'csv'"),
+        ({"max_image_pixels": -1}, "data.max_image_pixels = -1"),
         ({"batch_size": 0}, "data.batch_size"),
         ({"workers": -1}, "data.workers"),
         ({"crop_scale": (0.5, 1.5)}, "data.crop_scale"),

@@ -47,9 +47,9 @@ def test_recipe_tables_and_flags_set_every_lever(tmp_path):
     assert not (default.model.lock_image or default.model.lock_text) and default.loss.learn_temperature
     for bad, message in [
         ('[loss]\nname = "softmax"', "not one of 'contrastive', 'sigmoid'"),
-        ("[loss]\ninit_temperature = 0", "init_temperature must be positive"),
-        ("[loss]\nmax_logit_scale = 0.5", "max_logit_scale must be at least 1"),
-        ("[model]\npatch_dropout = 1.0", r"patch_dropout must be in \[0, 1\)"),
+        ("[loss]\ninit_temperature = 0", r"loss\.init_temperature = 0\.0: must be a finite number > 0"),
+        ("[loss]\nmax_logit_scale = 0.5", r"loss\.max_logit_scale = 0\.5: must be at least 1"),
+        ("[model]\npatch_dropout = 1.0", r"model\.patch_dropout = 1\.0: must be in \[0, 1\)"),
         ("[model]\npatch_dropout = 0.5\nlock_image = true", "no effect with model.lock_image"),
     ]:
         recipe.write_text(bad)

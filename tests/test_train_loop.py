@@ -97,6 +97,11 @@ def test_sigkill_then_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if "loss" in r]
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir, monkeypatch, caplog):
     real_loss, calls = loop_module.contrastive_loss, {"n": 0}
 
@@ -109,12 +114,77 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir
     cfg = tiny_config(
         tmp_path / "run", tokenizer_dir, "--run.max_bad_steps", "3", "--run.checkpoint_every", "2"
     )
-    with pytest.raises(TrainingStopped, match="stopped at step 5: 3 non-finite losses in a row"):
+    # Calls 1, 2 make steps 1, 2; call 3 fails and call 4 makes step 3; calls 5, 6 make steps 4, 5; calls
+    # 7-9 are three failed tries at step 6. Warnings number a failed try as the step it would have made.
+    with pytest.raises(TrainingStopped) as stopped:
         train(cfg)
-    assert "step 2: non-finite loss" in caplog.text
-    # Steps 0-4 succeeded (one bad batch skipped in between): checkpoints at 2 and 4 are kept.
+    message = str(stopped.value)
+    assert message.startswith(
+        "stopped at step 6: 3 updates in a row skipped, the last for a non-finite loss;"
+    )
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'step-00000004'}." in message
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.split(":")[0] for w in warnings] == ["step 3", "step 6", "step 6", "step 6"]
+    assert all("non-finite loss (nan); update skipped" in w for w in warnings)
+    assert logged_steps(tmp_path / "run") == [1, 2, 3, 4, 5]
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002", "step-00000004"]
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "run").values())
+
+
+def test_a_non_finite_gradient_norm_is_named_as_such(tmp_path, tokenizer_dir, monkeypatch, caplog):
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, {"n": 0}
+
+    def inf_on_the_second_call(*args, **kwargs):
+        calls["n"] += 1
+        norm = real_clip(*args, **kwargs)
+        return norm * float("inf") if calls["n"] == 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_on_the_second_call)
+    train(tiny_config(tmp_path / "run", tokenizer_dir, "--schedule.steps", "3"))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("step 2: non-finite gradient norm (inf, loss ")
+    assert logged_steps(tmp_path / "run") == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("poisoned_update", "kept"), [(1, []), (3, ["step-00000001", "step-00000002"])])
+def test_an_update_that_makes_the_parameters_non_finite_stops_without_a_checkpoint(
+    tmp_path, tokenizer_dir, monkeypatch, poisoned_update, kept
+):
+    """The optimizer itself goes wrong (as `optim.lr = inf` once did): a loss and gradient that are fine,
+    then one weight that is not. Nothing non-finite may reach a checkpoint, not even the one due at once."""
+    real_build, updates = loop_module.build_optimizer, {"n": 0}
+
+    def build_poisoned(cfg, model):
+        optimizer = real_build(cfg, model)
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):
+            result = real_step(*args, **kwargs)
+            updates["n"] += 1
+            if updates["n"] == poisoned_update:
+                with torch.no_grad():
+                    model.visual.conv1.weight[0, 0, 0, 0] = float("nan")
+            return result
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(loop_module, "build_optimizer", build_poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(
+            tiny_config(run_dir, tokenizer_dir, "--run.checkpoint_every", "1", "--run.keep_checkpoints", "0")
+        )
+    message = str(stopped.value)
+    assert message.startswith(f"stopped at step {poisoned_update}: the update made the parameters non-finite")
+    note = (
+        f"the last good checkpoint is {run_dir / kept[-1]}"
+        if kept
+        else "no checkpoint was written by this run"
+    )
+    assert note in message
+    assert [p.name for p in list_checkpoints(run_dir)] == kept
+    assert logged_steps(run_dir) == list(range(1, poisoned_update))
 
 
 def test_cli_trains_from_a_recipe_with_overrides(tmp_path, tokenizer_dir, capsys):

@@ -29,6 +29,17 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's fields or types."""
 
 
+def invalid(field: str, value: Any, problem: str) -> ConfigError:
+    """The one error format for a bad value: `optim.lr = inf: must be a finite number > 0`."""
+    return ConfigError(f"{field} = {value!r}: {problem}")
+
+
+def require(ok: bool, field: str, value: Any, problem: str) -> None:
+    """Raise `invalid(field, value, problem)` unless `ok`: one line per check in a `__post_init__`."""
+    if not ok:
+        raise invalid(field, value, problem)
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -44,38 +55,41 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         for option in (o for o in options if o is not type(None)):
             with contextlib.suppress(ConfigError):
                 return _convert(value, option, where)
-        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+        raise invalid(where, value, f"fits none of {tp}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
+            raise invalid(where, value, "expected a table")
         return from_dict(tp, value, where)
     if origin is tuple:
-        items = _split_list(value)
+        items = _split_list(value, where)
         args = typing.get_args(tp)
         item_types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_types) != len(items):
-            raise ConfigError(f"{where}: expected {len(item_types)} values, got {value!r}")
+            raise invalid(where, value, f"expected {len(item_types)} values")
         return tuple(
             _convert(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(items, item_types, strict=True))
         )
     if origin is list:
         (item_type,) = typing.get_args(tp)
-        return [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(_split_list(value))]
+        return [_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(_split_list(value, where))]
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+            raise invalid(where, value, f"not one of {', '.join(map(repr, choices))}")
         return value
     return _convert_scalar(value, tp, where)
 
 
-def _split_list(value: Any) -> list:
+def _split_list(value: Any, where: str) -> list:
     if isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as e:
+                raise invalid(where, value, f"not a JSON list ({e})") from None
         return [v.strip() for v in text.split(",") if v.strip()]
     return [value]
 
@@ -86,20 +100,20 @@ def _convert_scalar(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise invalid(where, value, "expected true/false")
     if tp in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+            raise invalid(where, value, f"expected {tp.__name__}")
         try:
             converted = tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise invalid(where, value, f"expected {tp.__name__}") from None
         if tp is int and isinstance(value, float) and converted != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise invalid(where, value, "expected int")
         return converted
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise invalid(where, value, "expected a string")
         return str(value)
     if tp is Any:
         return value
@@ -124,7 +138,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 def load_toml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        problem = "is not a file" if path.exists() else "not found"
+        raise ConfigError(f"config file {problem}: {path}")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -173,7 +188,7 @@ def dump_toml(config: Any) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     # JSON spells most TOML values the same way; not infinities and NaN (e.g. an unclamped scale).
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
@@ -188,7 +203,7 @@ def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> Non
         if v is None:
             lines.append(f"# {k} = (unset)")
         else:
-            lines.append(f"{k} = {_toml_value(v)}")
+            lines.append(f"{k} = {toml_value(v)}")
     for k, v in table.items():
         if isinstance(v, dict):
             _dump_table(v, [*path, k], lines)

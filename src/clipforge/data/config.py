@@ -2,13 +2,15 @@
 
 Every field is a plain value (str, int, float, bool, tuple of numbers) so a generic CLI mapper can
 override it, e.g. ``--data.source csv --data.path train.tsv``. `DataConfig.validate` checks the values
-alone; whether the files are really there is checked when the source is built (`build_train_loader`).
+alone; whether the files are really there is checked when the source is built (`build_train_loader`), and
+for `clipforge train` before anything is written (`clipforge.train.validate`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipforge.configs import invalid, require
 from clipforge.transforms.loading import DEFAULT_MAX_IMAGE_PIXELS
 
 SOURCES = ("synthetic", "webdataset", "csv", "folder")
@@ -45,31 +47,42 @@ class DataConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # 64 MP; see transforms/loading.py
 
     def validate(self) -> DataConfig:
-        """Raise ValueError naming the first field whose value cannot work; return self."""
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
-        if self.source != "synthetic" and not self.path:
-            raise ValueError(f"data.path is required for data.source={self.source!r}")
+        """Raise ValueError (a `ConfigError`: `data.field = value: problem`) naming the first field whose
+        value cannot work; return self."""
+        require(self.source in SOURCES, "data.source", self.source, f"must be one of {', '.join(SOURCES)}")
+        require(
+            self.source == "synthetic" or bool(self.path),
+            "data.path",
+            self.path,
+            f"required for data.source = {self.source!r}",
+        )
         _check_min("batch_size", self.batch_size, 1)
         _check_min("workers", self.workers, 0)
         _check_min("prefetch", self.prefetch, 1)
         _check_min("context_length", self.context_length, 2)
         _check_min("shuffle_buffer", self.shuffle_buffer, 0)
+        _check_min("max_image_pixels", self.max_image_pixels, 0)
         lo, hi = (float(v) for v in self.crop_scale)
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(
-                f"data.crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}"
-            )
-        if not self.image_suffixes():
-            raise ValueError("data.image_extensions names no extension")
-        if self.captions not in ("all", "sample"):
-            raise ValueError(f"data.captions must be 'all' or 'sample', got {self.captions!r}")
-        if not self.caption_extension.strip(". "):
-            raise ValueError("data.caption_extension is empty")
+        require(
+            0.0 < lo <= hi <= 1.0, "data.crop_scale", self.crop_scale, "must be (lo, hi), 0 < lo <= hi <= 1"
+        )
+        ext = self.image_extensions
+        require(bool(self.image_suffixes()), "data.image_extensions", ext, "names no extension")
+        require(
+            self.captions in ("all", "sample"), "data.captions", self.captions, "must be 'all' or 'sample'"
+        )
+        cap = self.caption_extension
+        require(bool(cap.strip(". ")), "data.caption_extension", cap, "names no extension")
         if self.source == "csv":
             self.separator()  # raises on a bad value
         if self.source == "synthetic":
-            _check_min("synthetic_samples", self.synthetic_samples, self.batch_size)
+            n = self.synthetic_samples
+            require(
+                n >= self.batch_size,
+                "data.synthetic_samples",
+                n,
+                f"fewer than data.batch_size = {self.batch_size}",
+            )
         return self
 
     def image_suffixes(self) -> tuple[str, ...]:
@@ -83,11 +96,11 @@ class DataConfig:
             return "\t"
         if self.csv_separator:
             if len(self.csv_separator) != 1:
-                raise ValueError(f"data.csv_separator must be one character, got {self.csv_separator!r}")
+                raise invalid("data.csv_separator", self.csv_separator, "must be one character or 'tab'")
             return self.csv_separator
         return "\t" if self.path.lower().endswith(".tsv") else ","
 
 
 def _check_min(name: str, value: int, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"data.{name} must be an int >= {minimum}, got {value!r}")
+        raise invalid(f"data.{name}", value, f"must be an int >= {minimum}")

@@ -2,14 +2,31 @@
 
 Recipes in configs/*.toml set these fields; `clipforge train RECIPE --optim.lr 5e-4` overrides any of
 them; the resolved config is written to the run directory as config.toml.
+
+Each section checks its own values when it is made (`__post_init__`), so a bad number is refused wherever
+a config comes from; `TrainConfig` checks the few rules that span sections. What needs the file system,
+the model registry or the device (paths, names, `run.device`) is checked by `clipforge.train.validate`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from clipforge.configs import require
 from clipforge.data.config import DataConfig
+
+FINITE_POSITIVE = "must be a finite number > 0"
+FINITE_NON_NEGATIVE = "must be a finite number >= 0"
+
+
+def _finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
 
 
 @dataclass
@@ -26,13 +43,16 @@ class ModelSection:
     lock_text: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.patch_dropout < 1.0:
-            raise ValueError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
-        if self.patch_dropout > 0 and self.lock_image:
-            # A locked tower runs in eval mode, where patch dropout is off: refuse what would do nothing.
-            raise ValueError(
-                "model.patch_dropout has no effect with model.lock_image (a locked tower is in eval mode)"
-            )
+        require(bool(self.name.strip()), "model.name", self.name, "names no architecture")
+        p = self.patch_dropout
+        require(0.0 <= p < 1.0, "model.patch_dropout", p, "must be in [0, 1)")
+        # A locked tower runs in eval mode, where patch dropout is off: refuse what would do nothing.
+        require(
+            not (p > 0 and self.lock_image),
+            "model.patch_dropout",
+            p,
+            "has no effect with model.lock_image (a locked tower is in eval mode)",
+        )
 
 
 @dataclass
@@ -50,10 +70,13 @@ class LossConfig:
     init_bias: float = -10.0  # sigmoid only: the logit bias at the start (SigLIP's -10)
 
     def __post_init__(self) -> None:
-        if self.init_temperature is not None and not self.init_temperature > 0:
-            raise ValueError(f"loss.init_temperature must be positive, got {self.init_temperature}")
-        if self.max_logit_scale is not None and not self.max_logit_scale >= 1:
-            raise ValueError(f"loss.max_logit_scale must be at least 1, got {self.max_logit_scale}")
+        t, scale = self.init_temperature, self.max_logit_scale
+        require(t is None or _finite_positive(t), "loss.init_temperature", t, FINITE_POSITIVE)
+        # inf is allowed: no clamp (the sigmoid loss's own setting).
+        require(
+            scale is None or scale >= 1, "loss.max_logit_scale", scale, "must be at least 1 (inf: no clamp)"
+        )
+        require(math.isfinite(self.init_bias), "loss.init_bias", self.init_bias, "must be finite")
 
 
 @dataclass
@@ -65,12 +88,36 @@ class OptimConfig:
     eps: float | None = None  # None: the paper's (ViT 1e-6, ResNet 1e-8)
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 disables
 
+    def __post_init__(self) -> None:
+        require(_finite_positive(self.lr), "optim.lr", self.lr, FINITE_POSITIVE)
+        wd = self.weight_decay
+        require(_finite_non_negative(wd), "optim.weight_decay", wd, FINITE_NON_NEGATIVE)
+        for name in ("beta1", "beta2"):
+            beta = getattr(self, name)
+            require(beta is None or 0.0 <= beta < 1.0, f"optim.{name}", beta, "must be in [0, 1)")
+        require(self.eps is None or _finite_positive(self.eps), "optim.eps", self.eps, FINITE_POSITIVE)
+        clip = self.grad_clip
+        require(_finite_non_negative(clip), "optim.grad_clip", clip, FINITE_NON_NEGATIVE + " (0: off)")
+
 
 @dataclass
 class ScheduleConfig:
     steps: int = 1000  # optimizer steps in the whole run
     warmup_steps: int = 100  # linear warmup from 0 to optim.lr
     final_lr: float = 0.0  # where the cosine decay ends
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "schedule.steps", self.steps, "must be at least 1")
+        w = self.warmup_steps
+        require(w >= 0, "schedule.warmup_steps", w, "must be >= 0")
+        require(
+            w <= self.steps,
+            "schedule.warmup_steps",
+            w,
+            f"more than schedule.steps = {self.steps}: the learning rate would never reach optim.lr",
+        )
+        f = self.final_lr
+        require(_finite_non_negative(f), "schedule.final_lr", f, FINITE_NON_NEGATIVE)
 
 
 @dataclass
@@ -85,19 +132,39 @@ class EvalConfig:
     max_samples: int = 0  # evaluate on at most this many images (0: all)
     batch_size: int = 256
 
+    def __post_init__(self) -> None:
+        require(self.every >= -1, "eval.every", self.every, "must be >= -1 (-1: never, 0: at the end)")
+        require(bool(self.data), "eval.data", self.data, "names no set (auto, synthetic or a labelled set)")
+        require(bool(self.label_key), "eval.label_key", self.label_key, "must name a json field")
+        require(self.max_samples >= 0, "eval.max_samples", self.max_samples, "must be >= 0 (0: all)")
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be at least 1")
+
 
 @dataclass
 class RunConfig:
     out_dir: str = "runs/quickstart"  # checkpoints, metrics, curves and the resolved config go here
     seed: int = 0
-    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer stay fp32)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast; weights and optimizer stay fp32
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (all cores)
     log_every: int = 10  # steps between metric lines
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2  # keep the newest K checkpoints
-    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    keep_checkpoints: int = 2  # keep the newest K checkpoints; 0 keeps them all
+    max_bad_steps: int = 5  # stop after this many skipped (non-finite) updates in a row
     progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        require(bool(self.out_dir.strip()), "run.out_dir", self.out_dir, "names no directory")
+        # NumPy's seed is the narrowest of the three generators seeded with it.
+        require(0 <= self.seed < 2**32, "run.seed", self.seed, "must be in [0, 2**32)")
+        require(bool(self.device.strip()), "run.device", self.device, "names no device")
+        require(self.threads >= 0, "run.threads", self.threads, "must be >= 0 (0: torch's default)")
+        require(self.log_every >= 1, "run.log_every", self.log_every, "must be at least 1")
+        every = self.checkpoint_every
+        require(every >= 0, "run.checkpoint_every", every, "must be >= 0 (0: only at the end)")
+        keep = self.keep_checkpoints
+        require(keep >= 0, "run.keep_checkpoints", keep, "must be >= 0 (0: keep them all)")
+        require(self.max_bad_steps >= 1, "run.max_bad_steps", self.max_bad_steps, "must be at least 1")
 
 
 @dataclass
@@ -109,3 +176,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        f, lr = self.schedule.final_lr, self.optim.lr
+        require(f <= lr, "schedule.final_lr", f, f"more than optim.lr = {lr}: the cosine would rise")

@@ -31,19 +31,26 @@ from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from clipforge.train.model import build_model, max_log_scale
 from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer, set_lr
 from clipforge.train.progress import Progress
+from clipforge.train.validate import validate_run
 
 log = logging.getLogger("clipforge.train")
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite losses in a row); the last good checkpoint is kept."""
+    """The run cannot go on (too many skipped updates in a row, or an update that made the parameters
+    non-finite); nothing more is written, and the message names the last checkpoint, if any."""
 
 
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float
-    finite: bool
+    # What went non-finite ("loss", "gradient norm" or "parameters"); "" for a good step.
+    non_finite: str = ""
+
+    @property
+    def finite(self) -> bool:
+        return not self.non_finite
 
 
 @dataclass
@@ -103,7 +110,9 @@ def train_step(
     loss_name: str = "contrastive",
     max_log_scale: float = MAX_LOGIT_SCALE,
 ) -> StepResult:
-    """One optimizer step; a non-finite loss or gradient skips the update and reports `finite=False`.
+    """One optimizer step. A non-finite loss or gradient norm skips the update; an update that leaves a
+    parameter non-finite cannot be undone, and is reported for the caller to stop. `non_finite` names
+    which of the three it was.
 
     `max_log_scale` bounds `model.logit_scale` after the step (`loss.max_logit_scale`, as a log).
     """
@@ -117,17 +126,29 @@ def train_step(
     loss = compute_loss(model, image_features, text_features, loss_name)
     if not torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.item(), float("nan"), finite=False)
+        return StepResult(loss.item(), float("nan"), "loss")
     loss.backward()
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.item(), grad_norm, finite=False)
+        return StepResult(loss.item(), grad_norm, "gradient norm")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if not parameters_finite(optimizer):
+        return StepResult(loss.item(), grad_norm, "parameters")
     clamp_logit_scale(model.logit_scale, max_log_scale)
-    return StepResult(loss.item(), grad_norm, finite=True)
+    return StepResult(loss.item(), grad_norm)
+
+
+def parameters_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter the optimizer updates is finite.
+
+    One max-abs per tensor (a single fused kernel on CUDA) and one sync: NaN propagates through the max and
+    inf is its own maximum, while huge but finite values cannot overflow it as a sum or a 2-norm could.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return bool(torch.stack(torch._foreach_norm(params, math.inf)).isfinite().all())
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -164,6 +185,8 @@ class Throughput:
 
 class Trainer:
     """Everything one run holds: model, optimizer, schedule, data, evaluator, counters, run directory."""
+
+    last_checkpoint: Path | None = None  # the newest checkpoint this run wrote
 
     def __init__(self, cfg: TrainConfig, resume: str = ""):
         self.cfg = cfg
@@ -260,18 +283,31 @@ class Trainer:
             self.state["skipped"][reason] = self.state["skipped"].get(reason, 0) + count
 
     def _on_bad_step(self, step: int, result: StepResult, bad_in_a_row: int) -> None:
-        log.warning(
-            "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
-            step,
-            result.loss,
-            result.grad_norm,
+        """A failed update. `step` updates are done, so this one would have been step `step + 1`: the
+        number metrics.jsonl and checkpoints give the update that follows `step`."""
+        attempt = step + 1
+        if result.non_finite == "parameters":
+            raise TrainingStopped(
+                f"stopped at step {attempt}: the update made the parameters non-finite (loss "
+                f"{result.loss:.4g}, gradient norm {result.grad_norm:.4g}, lr {self.schedule(step):.3g}); "
+                f"{self._last_checkpoint_note()}. Try a lower optim.lr or an optim.grad_clip"
+            )
+        # A non-finite loss is never backpropagated, so it has no gradient norm to show.
+        values = (
+            f"{result.loss}" if result.non_finite == "loss" else f"{result.grad_norm}, loss {result.loss:.4g}"
         )
+        log.warning("step %d: non-finite %s (%s); update skipped", attempt, result.non_finite, values)
         if bad_in_a_row >= self.cfg.run.max_bad_steps:
             raise TrainingStopped(
-                f"stopped at step {step}: {bad_in_a_row} non-finite losses in a row (try a lower optim.lr, "
-                f"optim.grad_clip, or run.precision='fp32'); the last good checkpoint is kept in "
-                f"{self.run_dir}"
+                f"stopped at step {attempt}: {bad_in_a_row} updates in a row skipped, the last for a "
+                f"non-finite {result.non_finite}; {self._last_checkpoint_note()}. Try a lower optim.lr, "
+                "an optim.grad_clip, or run.precision = 'fp32'"
             )
+
+    def _last_checkpoint_note(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was written by this run"
+        return f"the last good checkpoint is {self.last_checkpoint}"
 
     def _report(
         self, step: int, result: StepResult, rate: float, metrics: MetricsLog, progress: Progress
@@ -305,9 +341,13 @@ class Trainer:
         every, last = self.cfg.run.checkpoint_every, step == self.cfg.schedule.steps
         if not (last or (every > 0 and step % every == 0)):
             return
+        if not parameters_finite(self.optimizer):  # `train_step` stops first; a checkpoint never holds one
+            raise TrainingStopped(
+                f"step {step}: non-finite parameters, not saved; {self._last_checkpoint_note()}"
+            )
         trainer_state = {k: self.state[k] for k in ("batches", "skipped", "last_zeroshot")}
         trainer_state["config"] = to_dict(self.cfg)
-        save_checkpoint(
+        self.last_checkpoint = save_checkpoint(
             self.run_dir,
             step,
             self.model,
@@ -319,5 +359,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: str = "") -> TrainResult:
-    """Run (or, with `resume` = "latest" or a checkpoint path, continue) the training `cfg` describes."""
+    """Run (or, with `resume` = "latest" or a checkpoint path, continue) the training `cfg` describes.
+
+    Everything the run needs is checked first (`validate_run`): a bad config raises `ConfigError` and
+    writes nothing."""
+    validate_run(cfg, resume)
     return Trainer(cfg, resume).run()

@@ -1,0 +1,295 @@
+"""Everything a training run needs, checked before anything is written.
+
+The config's values are checked when it is made (`train/config.py`, `DataConfig.validate`); this module
+checks what they point at: the device, the architecture name, the tokenizer and starting weights, the data
+and evaluation files, the run directory and the checkpoint to resume. Each check is cheap (file kinds,
+headers, at most a batch's worth of samples counted) and the first problem raises a `ConfigError` of one
+line, `field = value: what is wrong`. `train()` calls `validate_run` before it creates the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import torch
+
+from clipforge.checkpoints import CheckpointError, native
+from clipforge.checkpoints.load import describe
+from clipforge.checkpoints.registry import available_pretrained, canonical_name, has_pretrained
+from clipforge.configs import invalid
+from clipforge.data.config import DataConfig
+from clipforge.data.pipeline import build_source
+from clipforge.data.webdataset import _is_local, _local_path, count_samples
+from clipforge.evaluate.datasets import DataSpec
+from clipforge.evaluate.prompts import load_prompts, load_templates
+from clipforge.models import CLIPConfig, available_models, get_config
+from clipforge.tokenizer import get_tokenizer
+from clipforge.tokenizer.core import CONFIG_FILE as TOKENIZER_CONFIG
+from clipforge.train.checkpointing import OPTIMIZER_FILE, STATE_FILE, list_checkpoints
+from clipforge.train.config import TrainConfig
+from clipforge.train.evaluation import eval_set
+from clipforge.train.model import model_config, temperature_settings
+
+
+def validate_run(cfg: TrainConfig, resume: str = "") -> None:
+    """Raise `ConfigError` naming the first field of `cfg` (or `--resume`) that cannot work; write nothing."""
+    cfg.data.validate()
+    try:
+        temperature_settings(cfg.loss)
+    except ValueError as e:
+        raise invalid("loss.init_temperature", cfg.loss.init_temperature, str(e)) from None
+    check_device(cfg.run.device, cfg.run.precision)
+    architecture = check_model_name(cfg)
+    vocab_size = check_tokenizer(cfg.model.tokenizer)
+    check_pretrained(cfg, model_config(cfg, vocab_size))
+    check_data(cfg.data, architecture.vision.image_size, cfg.run.seed)
+    check_eval(cfg)
+    check_out_dir(cfg.run.out_dir)
+    check_resume(cfg, resume)
+
+
+def check_device(device: str, precision: str) -> None:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise invalid("run.device", device, "not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise invalid("run.device", device, "CUDA is not available to this torch build on this machine")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise invalid("run.device", device, f"this machine has {count} CUDA device(s)")
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise invalid("run.precision", precision, f"the GPU of {device} has no bfloat16 support")
+    elif parsed.type != "cpu":
+        raise invalid("run.device", device, "unsupported device type: use 'auto', 'cpu' or 'cuda'")
+
+
+def check_model_name(cfg: TrainConfig) -> CLIPConfig:
+    """The named architecture; a ViT when patch dropout is asked for."""
+    try:
+        architecture = get_config(cfg.model.name)
+    except KeyError:
+        names = ", ".join(available_models())
+        raise invalid("model.name", cfg.model.name, f"not a registered architecture ({names})") from None
+    dropout = cfg.model.patch_dropout
+    if dropout > 0 and architecture.vision.kind != "vit":
+        raise invalid(
+            "model.patch_dropout", dropout, f"needs a ViT image tower; {cfg.model.name} has a ResNet"
+        )
+    return architecture
+
+
+def check_tokenizer(path: str) -> int:
+    """The vocabulary size of the tokenizer `model.tokenizer` names ("" or "openai": OpenAI's)."""
+    if path and path != "openai":
+        directory = Path(path)
+        if not directory.is_dir():
+            what = "is a file" if directory.exists() else "no such directory"
+            raise invalid(
+                "model.tokenizer", path, f"{what}; expected a directory made by `clipforge tokenizer train`"
+            )
+        if not (directory / TOKENIZER_CONFIG).is_file():
+            raise invalid("model.tokenizer", path, f"holds no {TOKENIZER_CONFIG}: not a saved tokenizer")
+    try:
+        return get_tokenizer(path or None).vocab_size
+    except (OSError, ValueError, KeyError) as e:
+        raise invalid("model.tokenizer", path, f"cannot be loaded: {e}") from None
+
+
+def check_pretrained(cfg: TrainConfig, trained: CLIPConfig) -> None:
+    """`model.pretrained` is a release name, a weights file or a clipforge model directory; a release or a
+    directory (whose config.json says what it holds) must fit the model this config trains."""
+    source = cfg.model.pretrained
+    if not source:
+        return
+    if has_pretrained(source):
+        saved = get_config(canonical_name(source))
+    elif not os.path.exists(source):
+        names = ", ".join(available_pretrained())
+        raise invalid("model.pretrained", source, f"no such file or directory, nor a release name ({names})")
+    elif os.path.isfile(source):
+        return  # a weights file says nothing about its architecture until it is read, in full
+    else:
+        saved = _native_config(source)
+    # The logit bias is the one tensor allowed to differ (`load_pretrained`).
+    if dataclasses.replace(saved, logit_bias=False) != dataclasses.replace(trained, logit_bias=False):
+        raise invalid(
+            "model.pretrained",
+            source,
+            f"holds {describe(saved)}, but this config trains {describe(trained)} (model.name, the "
+            "tokenizer's vocabulary and data.context_length must fit the weights)",
+        )
+
+
+def _native_config(directory: str) -> CLIPConfig:
+    if not native.is_native_dir(directory):
+        raise invalid(
+            "model.pretrained", directory, f"a directory without {native.CONFIG_FILE}: no model in it"
+        )
+    if not (Path(directory) / native.WEIGHTS_FILE).is_file():
+        raise invalid("model.pretrained", directory, f"holds no {native.WEIGHTS_FILE}")
+    try:
+        return CLIPConfig.from_dict(native.read_config(directory)["model"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        raise invalid("model.pretrained", directory, f"unreadable config: {e}") from None
+
+
+def check_data(data: DataConfig, image_size: int, seed: int) -> None:
+    """The files exist and are of the right kind, and hold at least one batch (CSV rows, folder images,
+    local shards' samples: counted until a batch is reached)."""
+    if data.source == "synthetic":
+        return  # `DataConfig.validate` compared synthetic_samples with the batch size
+    if data.source == "webdataset":
+        check_shards("data.path", data.path)
+    else:
+        want_dir = data.source == "folder"
+        _check_kind("data.path", data.path, want_dir, "an image folder" if want_dir else "a CSV/TSV file")
+    try:
+        source = build_source(data, image_size, seed)  # header, columns, first image paths, shard count
+    except (OSError, ValueError) as e:
+        raise invalid("data.path", data.path, str(e).removeprefix("data.path: ")) from None
+    if data.source == "webdataset":
+        samples = _count_shard_samples(source.urls, data.batch_size)
+    else:
+        samples = len(source)
+    if samples is not None and samples < data.batch_size:
+        raise invalid(
+            "data.batch_size", data.batch_size, f"larger than the data: {data.path} holds {samples} samples"
+        )
+
+
+def check_shards(field: str, spec: str) -> list[str]:
+    """The shard list of a brace spec; each local shard must be a file."""
+    from webdataset.shardlists import expand_urls
+
+    try:
+        urls = expand_urls(spec)
+    except ValueError as e:
+        raise invalid(field, spec, f"not a shard spec: {e}") from None
+    if not urls:
+        raise invalid(field, spec, "names no shards")
+    local = [_local_path(url) for url in urls if _is_local(url)]
+    directories = [path for path in local if os.path.isdir(path)]
+    if directories:
+        raise invalid(field, spec, f"{directories[0]} is a directory, not a .tar shard")
+    missing = [path for path in local if not os.path.isfile(path)]
+    if missing:
+        raise invalid(field, spec, f"{len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]}")
+    return urls
+
+
+def _count_shard_samples(urls: list[str], enough: int) -> int | None:
+    """Samples in the shards, counted shard by shard until `enough` (tar headers only); None if remote."""
+    if not all(_is_local(url) for url in urls):
+        return None
+    total = 0
+    for url in urls:
+        try:
+            total += count_samples(_local_path(url))
+        except (OSError, tarfile.TarError) as e:
+            raise invalid("data.path", url, f"unreadable shard: {e}") from None
+        if total >= enough:
+            break
+    return total
+
+
+def _check_kind(field: str, path: str, want_dir: bool, what: str) -> None:
+    if not os.path.exists(path):
+        raise invalid(field, path, f"no such {'directory' if want_dir else 'file'}; expected {what}")
+    if os.path.isdir(path) != want_dir:
+        raise invalid(field, path, f"is a {'file' if want_dir else 'directory'}; expected {what}")
+
+
+def check_eval(cfg: TrainConfig) -> None:
+    """The labelled set, its classes and the templates, when training evaluates on them."""
+    which, e = eval_set(cfg), cfg.eval
+    if not which:
+        return
+    if e.templates:
+        try:
+            load_templates(e.templates)
+        except FileNotFoundError:
+            what = "not a template file, a built-in set name or a literal with {}"
+            raise invalid("eval.templates", e.templates, what) from None
+        except (OSError, ValueError) as err:
+            raise invalid("eval.templates", e.templates, str(err)) from None
+    if which == "synthetic":
+        return
+    spec = DataSpec(e.data, label_key=e.label_key, max_samples=e.max_samples)
+    if spec.resolved_format() == "webdataset":
+        check_shards("eval.data", e.data)
+    elif not os.path.exists(e.data):
+        raise invalid("eval.data", e.data, "no such file or directory")
+    if not e.classes:
+        raise invalid(
+            "eval.classes", e.classes, "required with a labelled eval.data: a JSON file or a set name"
+        )
+    if os.path.isdir(e.classes):
+        raise invalid(
+            "eval.classes", e.classes, "is a directory; expected a JSON file of class names or a set name"
+        )
+    try:
+        load_prompts(e.classes)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise invalid("eval.classes", e.classes, str(err)) from None
+
+
+def check_out_dir(out_dir: str) -> None:
+    """The run directory exists and is writable, or can be made (its nearest existing parent is a
+    writable directory); nothing is created here."""
+    path = Path(out_dir).absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise invalid("run.out_dir", out_dir, "is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise invalid("run.out_dir", out_dir, "is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise invalid("run.out_dir", out_dir, f"cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise invalid("run.out_dir", out_dir, f"cannot be created: {parent} is not writable")
+
+
+def check_resume(cfg: TrainConfig, resume: str) -> None:
+    """`--resume PATH` is a whole training checkpoint of this model; `latest` may find none (a fresh run)."""
+    if not resume:
+        return
+    if resume == "latest":
+        found = list_checkpoints(Path(cfg.run.out_dir))
+        if not found:
+            return
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            what = "is a file" if path.exists() else "no such directory"
+            raise invalid(
+                "--resume", resume, f"{what}; expected a checkpoint directory (RUN_DIR/step-NNNNNNNN)"
+            )
+    for name in (STATE_FILE, OPTIMIZER_FILE, native.WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise invalid("--resume", resume, f"not a training checkpoint: {path} holds no {name}")
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise invalid("--resume", resume, f"unreadable {STATE_FILE}: {e}") from None
+    _check_same("model.name", saved, cfg.model.name, resume)
+    _check_same("loss.name", saved, cfg.loss.name, resume)
+    _check_same("data.context_length", saved, cfg.data.context_length, resume)
+
+
+def _check_same(field: str, saved: dict, value: object, resume: str) -> None:
+    section, name = field.split(".")
+    before = saved.get(section, {}).get(name, value)
+    if before != value:
+        raise invalid(field, value, f"the checkpoint --resume {resume} was trained with {field} = {before!r}")
