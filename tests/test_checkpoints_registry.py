@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import re
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,11 +95,14 @@ def _publish(server, name: str = "ViT-Nano-16-64") -> tuple[torch.nn.Module, str
 def test_download_then_load_then_reuse_the_cache(server, cache, monkeypatch):
     model, url, sha = _publish(server)
     monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(url, sha))
-    monkeypatch.setattr(clipforge.tokenizer, "get_tokenizer", lambda path=None: ("tokenizer", path))
+    def stub_tokenizer(path=None, context_length=None):  # OpenAI's vocabulary is not needed here
+        return SimpleNamespace(vocab_size=49408, path=path, context_length=context_length)
+
+    monkeypatch.setattr(clipforge.tokenizer, "get_tokenizer", stub_tokenizer)
 
     loaded, preprocess, tokenizer = load("ViT-Nano-16-64")
     assert (cache / "weights" / "tiny.pt").is_file()
-    assert tokenizer == ("tokenizer", None) and callable(preprocess)
+    assert (tokenizer.path, tokenizer.context_length) == (None, 77) and callable(preprocess)
     for key, value in loaded.state_dict().items():
         assert value.dtype == torch.float32
         assert torch.equal(value, model.state_dict()[key].half().float()), key

@@ -16,7 +16,6 @@ Weights load with strict key and shape checks into a float32 model, which is ret
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from clipforge.checkpoints import native, registry
-from clipforge.checkpoints.openai import KNOWN_EXTRAS, StateDict, infer_config, script_tensors
+from clipforge.checkpoints.fit import check_fits, check_tokenizer_fits, describe, listing, select
+from clipforge.checkpoints.openai import StateDict, infer_config, script_tensors
 from clipforge.checkpoints.safe_unpickle import (
     CheckpointError,
     ScriptObject,
@@ -34,8 +34,11 @@ from clipforge.checkpoints.safe_unpickle import (
     read_archive,
     read_legacy,
 )
+from clipforge.checkpoints.safetensors_header import is_safetensors, read_header
 from clipforge.models import CLIP, CLIPConfig, create_model
 from clipforge.models.config import ALIASES, MODEL_CONFIGS, get_config
+
+__all__ = ["Weights", "describe", "load", "load_into", "load_model", "read_weights", "resolve", "save"]
 
 PathLike = str | os.PathLike
 
@@ -44,17 +47,14 @@ PathLike = str | os.PathLike
 class Weights:
     """Tensors read from a file, with what the file says about them."""
 
-    state_dict: StateDict
+    state_dict: StateDict  # meta tensors (shapes only) for safetensors read with tensors=False
     config: CLIPConfig | None = None  # clipforge directories carry their config
     tokenizer_dir: Path | None = None
     from_script: bool = False  # a TorchScript tree: take the tensors the model expects, ignore the rest
 
-
-def _is_safetensors(path: Path) -> bool:
-    # 8 bytes of little-endian header length, then the JSON header.
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0
+    @property
+    def is_meta(self) -> bool:
+        return any(t.is_meta for t in self.state_dict.values())
 
 
 def _unwrap(obj: Any, path: Path) -> StateDict:
@@ -68,26 +68,31 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if others:
-        raise CheckpointError(f"{path}: entries that are not tensors: {_listing(others)}")
+        raise CheckpointError(f"{path}: entries that are not tensors: {listing(others)}")
     sd = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
-def read_weights(path: PathLike) -> Weights:
-    """Tensors from any supported file or directory, read without running anything from it."""
+def read_weights(path: PathLike, tensors: bool = True) -> Weights:
+    """Tensors from any supported file or directory, read without running anything from it.
+
+    With `tensors=False`, safetensors files and clipforge directories give meta tensors: the shapes and
+    dtypes of their (checked) header, no data read. Pickled files are read whole either way: their
+    tensors cannot outgrow the file.
+    """
     path = Path(path)
     if path.is_dir():
-        return _read_native(path)
+        return _read_native(path, tensors)
     if not path.is_file():
         raise CheckpointError(f"no such file or directory: {path}")
     if path.name == native.WEIGHTS_FILE and native.is_native_dir(path.parent):
-        return _read_native(path.parent)
+        return _read_native(path.parent, tensors)
     if is_zip_archive(path):
         obj = read_archive(path)
-    elif _is_safetensors(path):
-        return Weights(_read_safetensors(path))
+    elif is_safetensors(path):
+        return Weights(_read_safetensors(path, tensors))
     else:
         obj = read_legacy(path)
     if isinstance(obj, ScriptObject):
@@ -95,37 +100,23 @@ def read_weights(path: PathLike) -> Weights:
     return Weights(_unwrap(obj, path))
 
 
-def _read_safetensors(path: Path) -> StateDict:
+def _read_safetensors(path: Path, tensors: bool) -> StateDict:
+    header = read_header(path)  # bounded and checked against the file size before anything is read
+    if not tensors:
+        return header
     try:
         return load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
         raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
 
 
-def _read_native(directory: Path) -> Weights:
+def _read_native(directory: Path, tensors: bool) -> Weights:
     if not native.is_native_dir(directory):
         raise CheckpointError(
             f"{directory} is a directory without {native.CONFIG_FILE}: not a clipforge save"
         )
-    ckpt = native.read_native(directory)
+    ckpt = native.read_native(directory, tensors)
     return Weights(ckpt.state_dict, ckpt.config, ckpt.tokenizer_dir)
-
-
-def describe(config: CLIPConfig) -> str:
-    """A one-line summary of an architecture, for messages."""
-    v, t = config.vision, config.text
-    if v.kind == "vit":
-        vision = f"ViT {v.image_size}px patch {v.patch_size} width {v.width} x{v.layers}"
-    else:
-        vision = f"ResNet {v.image_size}px width {v.width} stages {v.layers}"
-    text = f"text width {t.width} x{t.layers}, context {t.context_length}"
-    bias = "; logit bias" if config.logit_bias else ""
-    return f"{vision}; {text}; embed {config.embed_dim}{bias}"
-
-
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def load_into(model: CLIP, weights: Weights, source: PathLike) -> None:
@@ -135,25 +126,8 @@ def load_into(model: CLIP, weights: Weights, source: PathLike) -> None:
     expects. Anything missing, unexpected or of the wrong shape raises `CheckpointError`, naming it.
     """
     expected = model.state_dict()
-    sd = {k: v for k, v in weights.state_dict.items() if k in expected or k not in KNOWN_EXTRAS}
-    if weights.from_script:
-        sd = {k: v for k, v in sd.items() if k in expected}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [
-        f"{k} {tuple(sd[k].shape)} (model: {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {_listing(keys)}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        if keys
-    ]
-    if problems:
-        arch = describe(model.config)
-        raise CheckpointError(f"{source} does not fit the architecture ({arch}): " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
+    check_fits(model.config, weights.state_dict, source, weights.from_script, expected)
+    model.load_state_dict(select(expected, weights.state_dict, weights.from_script), strict=True)
 
 
 def _architecture(name: str | CLIPConfig) -> CLIPConfig:
@@ -192,17 +166,60 @@ def _choose_config(named: CLIPConfig | None, weights: Weights, path: Path) -> CL
     if named is not None and weights.config is not None and named != weights.config:
         got, want = describe(weights.config), describe(named)
         raise CheckpointError(f"{path} was saved for another architecture ({got}) than requested ({want})")
-    return named or weights.config or infer_config(weights.state_dict)
+    return named or weights.config or _inferred_config(weights.state_dict, path)
 
 
-def _load(
-    name_or_path: PathLike | CLIPConfig, pretrained: PathLike | None, device: Any
-) -> tuple[CLIP, Path | None]:
+def _inferred_config(state_dict: StateDict, path: Path) -> CLIPConfig:
+    """The architecture of the shapes, held to the bounds and rules of a config read from a file."""
+    try:
+        config = infer_config(state_dict)
+        return CLIPConfig.from_dict(config.to_dict())
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except ValueError as e:  # a config rule the shapes break (ConfigValueError names the field)
+        raise CheckpointError(f"{path}: the architecture read from its shapes is refused: {e}") from None
+
+
+def _open(
+    name_or_path: PathLike | CLIPConfig, pretrained: PathLike | None
+) -> tuple[CLIPConfig, Weights, Path]:
+    """The architecture and the weights, checked against each other on shapes alone: nothing is built
+    and no safetensors data is read before every tensor is known to fit."""
     named, path = resolve(name_or_path, pretrained)
-    weights = read_weights(path)
-    model = create_model(_choose_config(named, weights, path))
+    weights = read_weights(path, tensors=False)
+    config = _choose_config(named, weights, path)
+    check_fits(config, weights.state_dict, path, weights.from_script)
+    return config, weights, path
+
+
+def _build(config: CLIPConfig, weights: Weights, path: Path, device: Any) -> CLIP:
+    if weights.is_meta:
+        weights = read_weights(path)
+    model = create_model(config)
     load_into(model, weights, path)
-    return model.to(device).eval(), weights.tokenizer_dir
+    return model.to(device).eval()
+
+
+def _tokenizer(config: CLIPConfig, directory: Path | None, source: Path) -> Any:
+    """The saved tokenizer (else OpenAI's) at the model's context length, checked against its vocabulary."""
+    from clipforge.tokenizer import get_tokenizer
+
+    context = config.text.context_length
+    if directory is None:
+        tokenizer = get_tokenizer(None, context_length=context)
+        if tokenizer.vocab_size > config.text.vocab_size:
+            raise CheckpointError(
+                f"{source}: the model embeds {config.text.vocab_size:,} tokens (text.vocab_size) and "
+                f"carries no tokenizer, and OpenAI's has {tokenizer.vocab_size:,}: save the model with its "
+                "tokenizer (save(model, dir, tokenizer=...)), or use load_model() and your tokenizer"
+            )
+        return tokenizer
+    try:
+        tokenizer = get_tokenizer(directory, context_length=context)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot read its tokenizer: {e}") from None
+    check_tokenizer_fits(config, tokenizer, source)
+    return tokenizer
 
 
 def load_model(
@@ -211,7 +228,8 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> CLIP:
     """The model alone; see `load`."""
-    return _load(name_or_path, pretrained, device)[0]
+    config, weights, path = _open(name_or_path, pretrained)
+    return _build(config, weights, path, device)
 
 
 def load(
@@ -224,15 +242,20 @@ def load(
     `load("ViT-B/32")` downloads OpenAI's weights; `load("ViT-B-32.pt")`, `load("run/final")` (a
     clipforge directory) and `load("weights.safetensors")` read local files; `load("ViT-B-32",
     pretrained="ft.pt")` takes the architecture by name and the weights from the file. The model is
-    float32 on `device`. The tokenizer is the one saved with a clipforge directory, else the default.
+    float32 on `device`. The tokenizer is the one saved with a clipforge directory, else OpenAI's; its
+    default context length is the model's, so `model.encode_text(tokenizer(texts))` fits, and every id
+    it gives has a row in the model's token embedding (checked, before the model is built).
     """
-    from clipforge.tokenizer import get_tokenizer
     from clipforge.transforms import image_transform
 
-    model, tokenizer_dir = _load(name_or_path, pretrained, device)
-    return model, image_transform(model.config.vision.image_size), get_tokenizer(tokenizer_dir)
+    config, weights, path = _open(name_or_path, pretrained)
+    tokenizer = _tokenizer(config, weights.tokenizer_dir, path)
+    model = _build(config, weights, path, device)
+    return model, image_transform(config.vision.image_size), tokenizer
 
 
 def save(model: CLIP, directory: PathLike, tokenizer: Any | None = None) -> Path:
-    """Write a clipforge directory (config.json, model.safetensors, tokenizer/) atomically; see `native`."""
+    """Write a clipforge directory (config.json, model.safetensors, tokenizer/) atomically; see `native`.
+
+    A tokenizer whose ids the model cannot embed is refused before anything is written."""
     return native.save_native(model, directory, tokenizer)

@@ -21,20 +21,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clipforge.checkpoints.fit import check_fits, check_tokenizer_fits
 from clipforge.checkpoints.safe_unpickle import CheckpointError
+from clipforge.checkpoints.safetensors_header import read_header
 from clipforge.models.config import CLIPConfig
+from clipforge.tokenizer.core import CONFIG_FILE as TOKENIZER_CONFIG
+from clipforge.tokenizer.core import MERGES_FILE as TOKENIZER_MERGES
 
 FORMAT = "clipforge"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is ~1 KB
 
 
 @dataclass
 class NativeCheckpoint:
     config: CLIPConfig
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # meta tensors (shapes only) when read with tensors=False
     tokenizer_dir: Path | None
 
 
@@ -42,42 +47,92 @@ def is_native_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def inside(directory: Path, relative: str, what: str) -> Path:
+    """`directory / relative`, refused unless it stays inside `directory` once symlinks are resolved."""
+    if os.path.isabs(relative):
+        raise CheckpointError(f"{directory}: {what} {relative!r} is an absolute path; it must be relative")
+    path = directory / relative
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointError(
+            f"{directory}: {what} {relative!r} leads outside the model directory (to {path.resolve()})"
+        )
+    return path
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `config.json` of a clipforge directory, format-checked."""
-    path = Path(directory) / CONFIG_FILE
+    """The parsed `config.json` of a clipforge directory, format-checked (the model config unparsed)."""
+    directory = Path(directory)
+    path = inside(directory, CONFIG_FILE, "the config")
+    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes: not a model config")
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f'{path} is not a clipforge config (no "format": "{FORMAT}")')
-    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format_version {meta.get('format_version')!r}; this clipforge "
-            f"reads up to {FORMAT_VERSION}"
+            f"{path} has format_version {version!r}; this clipforge reads 1 to {FORMAT_VERSION}"
         )
+    unknown = [k for k in meta if k not in ("format", "format_version", "model", "tokenizer")]
+    if unknown:
+        raise CheckpointError(f"{directory}: {CONFIG_FILE} has an unknown field {unknown[0]!r}")
     return meta
 
 
-def read_native(directory: str | os.PathLike) -> NativeCheckpoint:
+def read_model_config(directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> CLIPConfig:
+    """The model's config from `config.json`, every field type- and bounds-checked."""
+    directory = Path(directory)
+    meta = read_config(directory) if meta is None else meta
+    if "model" not in meta:
+        raise CheckpointError(f"{directory}: {CONFIG_FILE} field 'model' is missing")
+    try:
+        return CLIPConfig.from_dict(meta["model"], where="model")
+    except ValueError as e:  # ConfigValueError, or a check of the dataclasses themselves
+        raise CheckpointError(f"{directory}: {CONFIG_FILE} {e}") from None
+
+
+def tokenizer_dir(directory: str | os.PathLike, meta: dict[str, Any]) -> Path | None:
+    """The saved tokenizer `config.json` names (None: none saved), checked to lie inside the directory."""
+    directory = Path(directory)
+    entry = meta.get("tokenizer")
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or set(entry) != {"path"} or not isinstance(entry["path"], str):
+        raise CheckpointError(
+            f'{directory}: {CONFIG_FILE} field \'tokenizer\' must be null or {{"path": "<dir>"}}, '
+            f"got {json.dumps(entry)[:60]}"
+        )
+    path = inside(directory, entry["path"], "the tokenizer path")
+    if not (path / TOKENIZER_CONFIG).is_file():
+        raise CheckpointError(f"{directory}: the tokenizer {entry['path']!r} has no {TOKENIZER_CONFIG}")
+    for name in (TOKENIZER_CONFIG, TOKENIZER_MERGES):
+        inside(directory, f"{entry['path']}/{name}", "the tokenizer file")
+    return path
+
+
+def read_native(directory: str | os.PathLike, tensors: bool = True) -> NativeCheckpoint:
+    """A clipforge directory, validated before a tensor is read: the config field by field, every path
+    inside the directory, and the safetensors header against the shapes the config implies.
+    `tensors=False` stops there, with meta tensors for the weights."""
     directory = Path(directory)
     meta = read_config(directory)
-    try:
-        config = CLIPConfig.from_dict(meta["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{directory / CONFIG_FILE}: invalid model config ({type(e).__name__}: {e})"
-        ) from e
-    weights = directory / WEIGHTS_FILE
+    config = read_model_config(directory, meta)
+    weights = inside(directory, WEIGHTS_FILE, "the weights file")
     if not weights.is_file():
         raise CheckpointError(f"{directory} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    tokenizer = (meta.get("tokenizer") or {}).get("path")
-    tokenizer_dir = directory / tokenizer if tokenizer else None
+    tokenizer = tokenizer_dir(directory, meta)
+    header = read_header(weights)
+    check_fits(config, header, weights)
+    if not tensors:
+        return NativeCheckpoint(config, header, tokenizer)
     try:
         state_dict = load_file(weights)
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
         raise CheckpointError(f"cannot read {weights}: {e}") from e
-    return NativeCheckpoint(config, state_dict, tokenizer_dir)
+    return NativeCheckpoint(config, state_dict, tokenizer)
 
 
 def _unshared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -152,6 +207,8 @@ def save_native(model: nn.Module, directory: str | os.PathLike, tokenizer: Any |
         raise TypeError(
             f"save() needs a clipforge CLIP model (with a CLIPConfig .config), got {type(model).__name__}"
         )
+    if tokenizer is not None:
+        check_tokenizer_fits(model.config, tokenizer, target)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

@@ -45,9 +45,12 @@ def script_tensors(root: ScriptObject) -> StateDict:
     return found
 
 
-def _get(sd: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+def _get(sd: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
     if key not in sd:
         raise CheckpointError(f"cannot infer the architecture: the weights have no {key!r}")
+    if sd[key].ndim != ndim:
+        shape = tuple(sd[key].shape)
+        raise CheckpointError(f"cannot infer the architecture: {key} has shape {shape}, not {ndim}-D")
     return sd[key]
 
 
@@ -62,20 +65,20 @@ def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 def _grid(tokens: int, key: str) -> int:
     """The side of the square token grid behind a positional embedding of `tokens` rows (one is the class)."""
-    side = math.isqrt(tokens - 1)
-    if side * side != tokens - 1:
+    side = math.isqrt(max(tokens - 1, 0))
+    if side == 0 or side * side != tokens - 1:
         raise CheckpointError(f"cannot infer the architecture: {key} has {tokens} rows, not 1 + a square")
     return side
 
 
 def _mlp_ratio(sd: Mapping[str, torch.Tensor], block: str, width: int) -> float:
-    return _get(sd, f"{block}.mlp.c_fc.weight").shape[0] / width
+    return _get(sd, f"{block}.mlp.c_fc.weight", 2).shape[0] / max(width, 1)  # a width of 0 is refused later
 
 
 def _vit(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
-    conv = _get(sd, "visual.conv1.weight")  # (width, 3, patch, patch)
+    conv = _get(sd, "visual.conv1.weight", 4)  # (width, 3, patch, patch)
     width, patch = conv.shape[0], conv.shape[-1]
-    grid = _grid(_get(sd, "visual.positional_embedding").shape[0], "visual.positional_embedding")
+    grid = _grid(_get(sd, "visual.positional_embedding", 2).shape[0], "visual.positional_embedding")
     layers = _count(sd, "visual.transformer.resblocks.")
     ratio = _mlp_ratio(sd, "visual.transformer.resblocks.0", width)
     return VisionConfig("vit", grid * patch, width, layers, max(1, width // 64), patch, ratio)
@@ -83,19 +86,19 @@ def _vit(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
 
 def _resnet(sd: Mapping[str, torch.Tensor]) -> VisionConfig:
     layers = tuple(_count(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
-    width = _get(sd, "visual.layer1.0.conv1.weight").shape[0]
+    width = _get(sd, "visual.layer1.0.conv1.weight", 4).shape[0]
     # The attention pool sees the image downsampled 32x: its grid times 32 is the input resolution.
     grid = _grid(
-        _get(sd, "visual.attnpool.positional_embedding").shape[0], "visual.attnpool.positional_embedding"
+        _get(sd, "visual.attnpool.positional_embedding", 2).shape[0], "visual.attnpool.positional_embedding"
     )
     return VisionConfig("resnet", grid * 32, width, layers, max(1, width * 32 // 64))
 
 
 def _text(sd: Mapping[str, torch.Tensor]) -> TextConfig:
-    width = _get(sd, "ln_final.weight").shape[0]
+    width = _get(sd, "ln_final.weight", 1).shape[0]
     return TextConfig(
-        context_length=_get(sd, "positional_embedding").shape[0],
-        vocab_size=_get(sd, "token_embedding.weight").shape[0],
+        context_length=_get(sd, "positional_embedding", 2).shape[0],
+        vocab_size=_get(sd, "token_embedding.weight", 2).shape[0],
         width=width,
         heads=max(1, width // 64),
         layers=_count(sd, "transformer.resblocks."),
@@ -115,7 +118,7 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> CLIPConfig:
         )
     vision = _vit(sd) if "visual.proj" in sd else _resnet(sd)
     # "logit_bias": a model trained with the sigmoid loss (the key OpenCLIP uses).
-    embed_dim = _get(sd, "text_projection").shape[1]
+    embed_dim = _get(sd, "text_projection", 2).shape[1]
     config = CLIPConfig(embed_dim, vision, _text(sd), logit_bias="logit_bias" in sd)
     twin = _registered_twin(config)
     return dataclasses.replace(twin, logit_bias=config.logit_bias) if twin else config

@@ -8,10 +8,28 @@ that is needed to build a model: `create_model(name_or_config)` never looks at a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from clipforge.models.layers import ACTIVATIONS
+
 VisionKind = Literal["vit", "resnet"]
+
+# The largest sizes a config read from a file may declare: far above any CLIP released so far (ViT-bigG-14:
+# width 1664, 48 layers; contexts of 77 to a few hundred tokens), so a typo or a hostile file cannot ask
+# for an absurd model. Weight files are further checked tensor by tensor against the config.
+MAX_WIDTH = 16_384  # embed_dim, the vision and text widths
+MAX_LAYERS = 256  # blocks of a transformer, bottlenecks of a ResNet stage
+MAX_IMAGE_SIZE = 4096
+MAX_CONTEXT_LENGTH = 8192
+MAX_VOCAB_SIZE = 1 << 20  # the tokenizer's ids stay below 0x10FFFF
+MAX_MLP_RATIO = 64.0
+
+
+class ConfigValueError(ValueError):
+    """A model config read from a file with a missing, unknown, mistyped or out-of-range field."""
 
 
 @dataclass(frozen=True)
@@ -63,17 +81,146 @@ class CLIPConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
-        vision = dict(d["vision"])
-        if isinstance(vision.get("layers"), list):
-            vision["layers"] = tuple(vision["layers"])
-        return cls(
-            embed_dim=d["embed_dim"],
-            vision=VisionConfig(**vision),
-            text=TextConfig(**d.get("text", {})),
-            activation=d.get("activation", "quick_gelu"),
-            logit_bias=bool(d.get("logit_bias", False)),
+    def from_dict(cls, d: Any, where: str = "") -> CLIPConfig:
+        """The config that `to_dict()` gave, read strictly, as from an untrusted file.
+
+        Every field must have its exact JSON type (an integer is not a bool, a float or a string), lie
+        within the bounds above and fit the others (heads divide widths, patches tile the image); unknown
+        fields are refused. Raises `ConfigValueError` naming the field (prefixed by `where`).
+        """
+        return _parse_clip(d, where)
+
+
+# ---- reading a config from a file: exact types, bounds, consistency ------------------------------------
+
+
+def _show(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _field(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _object(d: Any, where: str, known: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigValueError(f"field '{where or 'model'}' must be an object, got {_show(d)}")
+    unknown = [k for k in d if k not in known]
+    if unknown:
+        raise ConfigValueError(
+            f"unknown field '{_field(where, str(unknown[0]))}' (known: {', '.join(known)})"
         )
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ConfigValueError(f"field '{_field(where, missing[0])}' is missing")
+    return d
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    if type(value) is not int:  # bool is a subclass of int: refused too
+        raise ConfigValueError(f"field '{name}' must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        raise ConfigValueError(
+            f"field '{name}' must be an integer from {low} to {high:,}, got {_show(value)}"
+        )
+    return value
+
+
+def _ratio(value: Any, name: str, width: int) -> float:
+    if type(value) not in (int, float):
+        raise ConfigValueError(f"field '{name}' must be a number, got {_show(value)}")
+    if not 0 < value <= MAX_MLP_RATIO or int(width * value) < 1:  # NaN fails the first test
+        raise ConfigValueError(
+            f"field '{name}' must be above 0 (at least one hidden unit) and at most {MAX_MLP_RATIO:g}, "
+            f"got {_show(value)}"
+        )
+    return float(value)
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigValueError(
+            f"field '{name}' must be one of {', '.join(map(repr, choices))}, got {_show(value)}"
+        )
+    return value
+
+
+def _heads(value: Any, name: str, channels: int, channels_name: str) -> int:
+    heads = _int(value, name, 1, channels)
+    if channels % heads:
+        raise ConfigValueError(f"field '{name}' ({heads}) must divide {channels_name} ({channels})")
+    return heads
+
+
+def _parse_vision(d: Any, where: str) -> VisionConfig:
+    known = tuple(f.name for f in dataclasses.fields(VisionConfig))
+    d = _object(d, where, known, ("kind", "image_size", "width", "layers", "heads"))
+    name = functools.partial(_field, where)
+    kind = _choice(d["kind"], name("kind"), ("vit", "resnet"))
+    size = _int(d["image_size"], name("image_size"), 1, MAX_IMAGE_SIZE)
+    width = _int(d["width"], name("width"), 1, MAX_WIDTH)
+    patch = _int(d.get("patch_size", 0), name("patch_size"), 1 if kind == "vit" else 0, size)
+    ratio = _ratio(d.get("mlp_ratio", 4.0), name("mlp_ratio"), width)
+    if kind == "vit":
+        layers: int | tuple[int, ...] = _int(d["layers"], name("layers"), 1, MAX_LAYERS)
+        heads = _heads(d["heads"], name("heads"), width, f"'{name('width')}'")
+        if size % patch:
+            raise ConfigValueError(
+                f"field '{name('image_size')}' ({size}) must be a multiple of "
+                f"'{name('patch_size')}' ({patch})"
+            )
+    else:
+        stages = d["layers"]
+        if not isinstance(stages, list | tuple) or len(stages) != 4:
+            raise ConfigValueError(f"field '{name('layers')}' must be 4 stage depths, got {_show(stages)}")
+        layers = tuple(_int(n, f"{name('layers')}[{i}]", 1, MAX_LAYERS) for i, n in enumerate(stages))
+        heads = _heads(d["heads"], name("heads"), width * 32, f"32 x '{name('width')}'")
+        if size % 32:
+            raise ConfigValueError(
+                f"field '{name('image_size')}' must be a multiple of 32 for a ResNet, got {size}"
+            )
+    return VisionConfig(kind, size, width, layers, heads, patch, ratio)  # type: ignore[arg-type]
+
+
+def _parse_text(d: Any, where: str) -> TextConfig:
+    known = tuple(f.name for f in dataclasses.fields(TextConfig))
+    d = _object(d, where, known, ())
+    name = functools.partial(_field, where)
+    default = TextConfig()
+    width = _int(d.get("width", default.width), name("width"), 1, MAX_WIDTH)
+    return TextConfig(
+        context_length=_int(
+            d.get("context_length", default.context_length), name("context_length"), 2, MAX_CONTEXT_LENGTH
+        ),
+        vocab_size=_int(d.get("vocab_size", default.vocab_size), name("vocab_size"), 2, MAX_VOCAB_SIZE),
+        width=width,
+        heads=_heads(d.get("heads", default.heads), name("heads"), width, f"'{name('width')}'"),
+        layers=_int(d.get("layers", default.layers), name("layers"), 1, MAX_LAYERS),
+        mlp_ratio=_ratio(d.get("mlp_ratio", default.mlp_ratio), name("mlp_ratio"), width),
+    )
+
+
+def _parse_clip(d: Any, where: str) -> CLIPConfig:
+    known = tuple(f.name for f in dataclasses.fields(CLIPConfig))
+    d = _object(d, where, known, ("embed_dim", "vision"))
+    bias = d.get("logit_bias", False)
+    if not isinstance(bias, bool):
+        raise ConfigValueError(
+            f"field '{_field(where, 'logit_bias')}' must be true or false, got {_show(bias)}"
+        )
+    return CLIPConfig(
+        embed_dim=_int(d["embed_dim"], _field(where, "embed_dim"), 1, MAX_WIDTH),
+        vision=_parse_vision(d["vision"], _field(where, "vision")),
+        text=_parse_text(d.get("text", {}), _field(where, "text")),
+        activation=_choice(
+            d.get("activation", "quick_gelu"), _field(where, "activation"), tuple(ACTIVATIONS)
+        ),
+        logit_bias=bias,
+    )
 
 
 def _vit(
