@@ -27,9 +27,10 @@ from .exact import EvalTransform, _check_size
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image]
 
-# 64 MP (8,000 x 8,000): above full-frame cameras' largest photos (61 MP), and below Pillow's bomb
-# warning (89 MP) and error (179 MP). A decoded RGB image of this size is 192 MB, several times that
-# while it is converted and resized, which each data worker can afford.
+# 64 MP (8,000 x 8,000): above full-frame cameras' largest photos (61 MP), below Pillow's bomb warning
+# (89 MP) and error (179 MP). At the limit an image decodes to 192 MB of RGB, and a PNG peaks near 0.8 GB
+# in a training worker while it is cropped and resized (JPEGs decode at reduced scale); at 12,000 x
+# 12,000, 1.8 GB.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 
