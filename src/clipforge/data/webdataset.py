@@ -64,7 +64,8 @@ class ShardSource:
         random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
         mine = order[role::workers]
         handler = functools.partial(_count_error, errors)
-        samples = group_by_keys(_shard_files(mine, handler), handler=handler)
+        # Grouped shard by shard, so a sample never spans two shards whatever the library's version.
+        samples = (s for url in mine for s in group_by_keys(_shard_files(url, handler), handler=handler))
         raw = (self._raw_sample(sample) for sample in samples)
         rng = random.Random(derive_seed(self.seed, "samples", epoch, role))
         return shuffle_buffer(raw, self.shuffle_buffer, rng)
@@ -88,22 +89,20 @@ class ShardSource:
         return f"ShardSource({len(self.urls)} shards, first {self.urls[0]!r})"
 
 
-def _shard_files(urls: list[str], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """The files of the shards, as webdataset's `group_by_keys` takes them: ``{}`` ends each shard.
+def _shard_files(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """The files of one shard, as webdataset's `group_by_keys` takes them.
 
-    Local shards go through our fast reader (`clipforge.data.tarfiles`), others through webdataset's
+    A local shard goes through our fast reader (`clipforge.data.tarfiles`), others through webdataset's
     opener (URLs, ``pipe:``); both give the same files in the same order.
     """
-    for url in urls:
-        if not _is_local(url):
-            yield from tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler)
-            continue
-        try:
-            for name, data in tar_files(_local_path(url)):
-                yield {"fname": name, "data": data, "__url__": url}
-        except (OSError, tarfile.TarError) as exc:
-            handler(exc)
-        yield {}
+    if not _is_local(url):
+        yield from tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler)
+        return
+    try:
+        for name, data in tar_files(_local_path(url)):
+            yield {"fname": name, "data": data, "__url__": url}
+    except (OSError, tarfile.TarError) as exc:
+        handler(exc)
 
 
 def _count_error(errors: Counter[str], exn: Exception) -> bool:
