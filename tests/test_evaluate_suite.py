@@ -1,14 +1,41 @@
 """Suites: every task kind on a saved tiny model (conftest's `eval_files`), a written report, and a feature
 cache that is hit."""
 
+import io
 import json
 import os
+import tarfile
 
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
+import clipforge
 from clipforge.evaluate import load_suite, run_suite
 from clipforge.models import CLIP
 from conftest import write_suite
+
+
+def direct_zeroshot(files: dict) -> tuple[dict[str, float], int]:
+    """Per-class zero-shot accuracy computed here, from the public API only (load, preprocess, encode):
+    the suite's "colours" task on the same model, images and prompt. Also the number of images whose two
+    best classes are within 1e-4 in cosine, whose prediction rounding alone could flip."""
+    model, preprocess, tokenizer = clipforge.load(files["model"])
+    classes = json.loads(files["classes"].read_text())
+    with tarfile.open(files["eval"]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    keys = sorted(name.removesuffix(".png") for name in members if name.endswith(".png"))
+    images = torch.stack([preprocess(Image.open(io.BytesIO(members[f"{k}.png"]))) for k in keys])
+    labels = torch.tensor([classes.index(json.loads(members[f"{k}.json"])["label"]) for k in keys])
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(images), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer([f"a {c} square" for c in classes])), dim=-1)
+    cosines = image @ text.T
+    top2 = cosines.topk(2, dim=1).values
+    correct = cosines.argmax(dim=1) == labels
+    per_class = {c: correct[labels == i].float().mean().item() for i, c in enumerate(classes)}
+    return per_class, int((top2[:, 0] - top2[:, 1] < 1e-4).sum())
 
 
 @pytest.fixture
@@ -52,7 +79,14 @@ def test_suite_runs_every_task_writes_a_report_and_hits_the_cache_the_second_tim
         "retrieval eval.tar",
         "linear-probe eval.tar",
     ]
-    assert report["results"][0]["n"] == 9 and 0 <= report["results"][0]["metrics"]["top1"] <= 1
+    zeroshot = report["results"][0]
+    per_class, near_ties = direct_zeroshot(eval_files)
+    assert zeroshot["n"] == 9 and zeroshot["per_class"].keys() == per_class.keys()
+    # Each class has 3 images: an image whose prediction rounding could flip moves its class by 1/3.
+    for name, accuracy in per_class.items():
+        assert abs(zeroshot["per_class"][name] - accuracy) <= near_ties / 3 + 1e-6, name
+    expected_top1 = sum(per_class.values()) / 3  # 3 images per class: the mean of the per-class rates
+    assert zeroshot["metrics"]["top1"] == pytest.approx(expected_top1, abs=near_ties / 9 + 1e-6)
     table = (tmp_path / "out" / "results.md").read_text()
     assert (
         "| colours | zeroshot | top1 |" in table and "| linear-probe eval.tar | linear-probe | C |" in table
