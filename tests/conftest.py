@@ -127,6 +127,17 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
     return write_tar(path, members)
 
 
+def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
+    """A shard's samples, key -> {extension: bytes}, sorted by key: what `write_shard` wrote."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return dict(sorted(samples.items()))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Labelled evaluation data
 # ----------------------------------------------------------------------------------------------------

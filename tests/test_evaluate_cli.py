@@ -1,20 +1,55 @@
 """`clipforge eval ...` smoke tests: each subcommand prints a table and writes --json."""
 
 import csv
+import io
 import json
+import warnings
 
 import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
+import clipforge
 from clipforge.cli import main
+from clipforge.models import quantize_int8
 from conftest import (
     huge_png,
     labelled_samples,
+    read_shard,
     truncated_jpeg,
     write_shard,
     write_suite,
 )  # with conftest's `eval_files`: a saved tiny model and labelled shards
 
 COMMON = ["--workers", "0", "--batch-size", "4", "--no-progress"]
+
+
+def retrieval_near_ties(files: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    """(delta, near): delta = the largest change int8 makes to an image-caption cosine (the label as the
+    caption, one per image), and for each direction, per query, how many wrong items score within
+    2 * delta + 1e-5 of the right one in fp32. Computed here, from load, preprocess and quantize_int8."""
+    model, preprocess, tokenizer = clipforge.load(files["model"])
+    samples = read_shard(files["eval"]).values()
+    images = torch.stack([preprocess(Image.open(io.BytesIO(s["png"]))) for s in samples])
+    captions = [json.loads(s["json"])["label"] for s in samples]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without fast int8 products the copy keeps fp32 layers, and says so
+        int8 = quantize_int8(model)
+    scores = {}
+    with torch.no_grad():
+        for name, m in (("fp32", model), ("int8", int8)):
+            image = F.normalize(m.encode_image(images), dim=-1)
+            scores[name] = image @ F.normalize(m.encode_text(tokenizer(captions)), dim=-1).T
+    delta = (scores["int8"] - scores["fp32"]).abs().max().item()
+    s, right = scores["fp32"], scores["fp32"].diagonal()
+    # image -> text: caption j competes with image i's own; one with the same text ties with it in any run.
+    i2t = ((s - right[:, None]).abs() <= 2 * delta + 1e-5) & ~torch.tensor(
+        [[a == b for b in captions] for a in captions]
+    )
+    t2i = (s - right[None, :]).abs() <= 2 * delta + 1e-5  # text -> image: image i competes with image j
+    t2i.fill_diagonal_(False)
+    return delta, {"i2t": i2t.sum(dim=1), "t2i": t2i.sum(dim=0)}
 
 
 def test_zeroshot_prints_a_table_and_writes_json_and_the_confusion_matrix(eval_files, tmp_path, capsys):
@@ -44,7 +79,13 @@ def test_linear_probe_reports_accuracy_and_the_chosen_c(eval_files, tmp_path, ca
     assert code == 0 and " C " in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["n_train"] + result["n_val"] == 18 and result["n_test"] == 9
-    assert 1e-6 <= result["C"] <= 1e6 and f"{result['C']:.6g}" in result["sweep"]
+    # The chosen C is the sweep's best validation accuracy, a tie going to the smaller C (the stronger
+    # regularization); the sweep starts from the paper's coarse grid 1e-6, 1e-4, ..., 1e6.
+    sweep = {float(c): accuracy for c, accuracy in result["sweep"].items()}
+    best = max(sweep.values())
+    assert result["C"] == min(c for c, accuracy in sweep.items() if accuracy == best)
+    assert result["val_top1"] == sweep[result["C"]]
+    assert {10.0**e for e in range(-6, 7, 2)} <= set(sweep)
 
 
 def test_retrieval_reports_both_directions(eval_files, tmp_path, capsys):
@@ -90,6 +131,20 @@ def test_int8_evaluates_the_quantized_copy_and_caches_it_apart(eval_files, tmp_p
     cached = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(cached) == 4  # image and text features, fp32 and int8: neither reused the other's
     assert results[True].keys() == results[False].keys()
+    # By value: a metric may change only through comparisons that int8 rounding can flip. Every score
+    # moves by at most delta, so a wrong item can overtake the right one only if their fp32 scores are
+    # within 2 * delta (plus float slack: the command batches differently). Those comparisons bound how
+    # far each query's rank, hence each metric, can move; most metrics here must not move at all.
+    delta, near = retrieval_near_ties(eval_files)
+    assert delta < 0.06  # about 4 int8 products per tower, each rounding both operands to 1/254 of a peak
+    for direction, counts in near.items():
+        n, movable = len(counts), int((counts > 0).sum())
+        for metric, fp32 in results[False].items():
+            if not metric.startswith(direction):
+                continue
+            bound = {"mean_rank": counts.sum().item() / n, "median_rank": counts.max().item()}
+            limit = bound.get(metric.split("_", 1)[1], movable / n)  # R@K: the share of movable queries
+            assert abs(results[True][metric] - fp32) <= limit + 1e-9, (metric, delta)
 
 
 def bad_shard(path, huge: tuple[int, int]):

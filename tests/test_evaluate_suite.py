@@ -4,7 +4,6 @@ cache that is hit."""
 import io
 import json
 import os
-import tarfile
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from PIL import Image
 import clipforge
 from clipforge.evaluate import load_suite, run_suite
 from clipforge.models import CLIP
-from conftest import write_suite
+from conftest import read_shard, write_suite
 
 
 def direct_zeroshot(files: dict) -> tuple[dict[str, float], int]:
@@ -23,11 +22,9 @@ def direct_zeroshot(files: dict) -> tuple[dict[str, float], int]:
     best classes are within 1e-4 in cosine, whose prediction rounding alone could flip."""
     model, preprocess, tokenizer = clipforge.load(files["model"])
     classes = json.loads(files["classes"].read_text())
-    with tarfile.open(files["eval"]) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-    keys = sorted(name.removesuffix(".png") for name in members if name.endswith(".png"))
-    images = torch.stack([preprocess(Image.open(io.BytesIO(members[f"{k}.png"]))) for k in keys])
-    labels = torch.tensor([classes.index(json.loads(members[f"{k}.json"])["label"]) for k in keys])
+    samples = read_shard(files["eval"]).values()
+    images = torch.stack([preprocess(Image.open(io.BytesIO(s["png"]))) for s in samples])
+    labels = torch.tensor([classes.index(json.loads(s["json"])["label"]) for s in samples])
     with torch.no_grad():
         image = F.normalize(model.encode_image(images), dim=-1)
         text = F.normalize(model.encode_text(tokenizer([f"a {c} square" for c in classes])), dim=-1)
