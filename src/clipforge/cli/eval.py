@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def skipped_summary(details: dict) -> str:
-    """ "3 skipped: 2 corrupt_image, 1 too_large" (or "0 skipped") from a task's details."""
+    """How many samples a task left out, and why: "3 skipped: 2 corrupt_image, 1 too_large"."""
     by_reason = {reason: n for reason, n in details.get("skipped_by_reason", {}).items() if n}
     if not by_reason:
         return f"{details['skipped']} skipped"
