@@ -109,7 +109,32 @@ def test_sigmoid_loss_trains_temperature_and_bias():
     sigmoid_loss(images, texts, log_t, bias).backward()
     # At b = -10 every pair looks negative: the positives pull the bias up, hard.
     assert bias.grad is not None and bias.grad.item() < -0.5
-    assert log_t.grad is not None and log_t.grad.item() != 0
+    assert log_t.grad is not None and torch.isfinite(log_t.grad) and log_t.grad.item() != 0
+
+
+def separated_pairs(matched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 images (unit basis vectors) and their texts: with `matched`, every image's cosine is positive with
+    its own text and negative with the others; otherwise the reverse (each text is the opposite vector)."""
+    images = torch.eye(4, 8)
+    texts = F.normalize(images - 0.3 * (1 - torch.eye(4)) @ images, dim=-1)
+    return images, texts if matched else -texts
+
+
+@pytest.mark.parametrize("matched", [True, False])
+def test_temperature_gradient_has_the_sign_that_sharpens_a_right_ranking(matched):
+    # Cross-entropy over s * c: d loss / d s = sum_j p_j c_j - c_own per row (and column). When every
+    # image's own text has the highest cosine, the softmax mean is below it: raising the scale lowers the
+    # loss (gradient < 0); when the own text has the lowest cosine, the gradient is > 0. The log-scale
+    # gradient is s times that: the same sign.
+    images, texts = separated_pairs(matched)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    contrastive_loss(images, texts, log_scale).backward()
+    assert (log_scale.grad.item() < 0) == matched and log_scale.grad.item() != 0
+    # Sigmoid: each pair adds -sigmoid(-y z) * y * c to d loss / d s (y = +1 own text, -1 other): all
+    # negative when positives have c > 0 and negatives c < 0, all positive in the reverse case.
+    log_t, bias = torch.nn.Parameter(torch.tensor(math.log(10.0))), torch.tensor(0.0)
+    sigmoid_loss(images, texts, log_t, bias).backward()
+    assert (log_t.grad.item() < 0) == matched and log_t.grad.item() != 0
 
 
 def test_loss_defaults_follow_the_papers():
