@@ -166,3 +166,14 @@ def test_pickle_round_trip(tok: ClipTokenizer) -> None:
     copy = pickle.loads(data)
     assert copy.identity == "openai" and copy.context_length == 77
     assert torch.equal(copy(TEXTS[:200], truncate=True), tok(TEXTS[:200], truncate=True))
+
+
+def test_context_length_is_a_default_chosen_at_construction(tok: ClipTokenizer, tmp_path: Path) -> None:
+    short = get_tokenizer(context_length=24)
+    assert short.context_length == 24 and short is not tok and get_tokenizer(context_length=24) is short
+    assert torch.equal(short(TEXTS[:50], truncate=True), tok(TEXTS[:50], context_length=24, truncate=True))
+    tok.save(tmp_path / "t")  # a saved tokenizer's own length gives way to the one asked for
+    assert get_tokenizer(tmp_path / "t", context_length=24) is short
+    for bad in (1, 0, "24", 24.0, True, 1 << 20):
+        with pytest.raises(ValueError, match="context_length must be an integer from 2"):
+            get_tokenizer(context_length=bad)
