@@ -146,6 +146,24 @@ def test_a_non_finite_gradient_norm_is_named_as_such(tmp_path, tokenizer_dir, mo
     assert logged_steps(tmp_path / "run") == [1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([0.0, -2.5], True),
+        ([3e38, -3e38], True),  # finite, though its 2-norm overflows float32
+        ([1.0, float("nan")], False),
+        ([float("-inf"), 1.0], False),
+        ([3e38, float("nan")], False),
+    ],
+)
+def test_parameters_finite_is_exact(values, finite):
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([values]))
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert loop_module.parameters_finite(optimizer) is finite
+
+
 @pytest.mark.parametrize(("poisoned_update", "kept"), [(1, []), (3, ["step-00000001", "step-00000002"])])
 def test_an_update_that_makes_the_parameters_non_finite_stops_without_a_checkpoint(
     tmp_path, tokenizer_dir, monkeypatch, poisoned_update, kept
