@@ -92,6 +92,8 @@ def test_tsv_separator_by_extension_and_paths_relative_to_the_file(tmp_path, mon
     # Image and caption stay paired: the red level encodes the sample number.
     red = batch.images[:, 0].mean(dim=(1, 2)) * 0.26862954 + 0.48145466
     numbers = [int(c.split()[1]) for c in captions_of(batch.tokens)]
+    # A constant red level survives resizing up to rounding; 2 levels is under half the step of 5 between
+    # samples, so a swapped image and caption cannot pass.
     assert torch.allclose(red * 255, torch.tensor([20.0 + 5 * i for i in numbers]), atol=2)
 
 

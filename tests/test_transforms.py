@@ -211,7 +211,10 @@ def test_eval_output_range_and_default_dtype() -> None:
     finally:
         torch.set_default_dtype(previous)
     assert out64.dtype == torch.float64
-    assert torch.allclose(out64.float(), out, atol=1e-6)
+    # float32 rounds x / 255 and - mean (under 6e-8 each, on values below 1, then scaled by 1 / std < 3.9)
+    # and / std (under 1.2e-7 on values up to 2.2); the float64 result is rounded once more to compare
+    # (1.2e-7): under 7e-7 in all.
+    assert torch.allclose(out64.float(), out, atol=1e-6, rtol=0)
 
 
 def test_constants_and_factory() -> None:
