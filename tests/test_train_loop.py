@@ -122,7 +122,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir
     assert message.startswith(
         "stopped at step 6: 3 updates in a row skipped, the last for a non-finite loss;"
     )
-    assert f"the last good checkpoint is {tmp_path / 'run' / 'step-00000004'}." in message
+    assert f"the last checkpoint this run wrote is {tmp_path / 'run' / 'step-00000004'}." in message
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert [w.split(":")[0] for w in warnings] == ["step 3", "step 6", "step 6", "step 6"]
     assert all("non-finite loss (nan); update skipped" in w for w in warnings)
@@ -196,7 +196,7 @@ def test_an_update_that_makes_the_parameters_non_finite_stops_without_a_checkpoi
     message = str(stopped.value)
     assert message.startswith(f"stopped at step {poisoned_update}: the update made the parameters non-finite")
     note = (
-        f"the last good checkpoint is {run_dir / kept[-1]}"
+        f"the last checkpoint this run wrote is {run_dir / kept[-1]}"
         if kept
         else "no checkpoint was written by this run"
     )

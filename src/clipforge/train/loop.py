@@ -310,7 +310,7 @@ class Trainer:
     def _last_checkpoint_note(self) -> str:
         if self.last_checkpoint is None:
             return "no checkpoint was written by this run"
-        return f"the last good checkpoint is {self.last_checkpoint}"
+        return f"the last checkpoint this run wrote is {self.last_checkpoint}"
 
     def _report(
         self, step: int, result: StepResult, rate: float, metrics: MetricsLog, progress: Progress
