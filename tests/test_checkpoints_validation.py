@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from clipforge.checkpoints import CheckpointError, load, load_model, save
 from clipforge.checkpoints import native as native_module
+from clipforge.checkpoints.fit import expected_tensors
 from clipforge.cli import main
 from clipforge.models import create_model
 from clipforge.models.config import MODEL_CONFIGS
@@ -143,6 +144,17 @@ def test_the_cli_prints_the_error_on_one_line(model_dir, tmp_path, capsys):
     assert code == 2
     problem = "config.json field 'model.embed_dim' must be an integer, got \"64\""
     assert out == f"clipforge eval retrieval: {model_dir}: {problem}"
+
+
+@pytest.mark.parametrize("name", [*MODEL_CONFIGS, "bias"])
+def test_expected_tensors_are_the_models_on_the_meta_device(name):
+    # The shapes are built without random fills: the same keys, shapes and dtypes as a meta model's.
+    config = dataclasses.replace(MICRO, logit_bias=True) if name == "bias" else MODEL_CONFIGS[name]
+    with torch.device("meta"):
+        want = {k: (v.shape, v.dtype) for k, v in create_model(config).state_dict().items()}
+    got = expected_tensors(config)
+    assert all(v.is_meta for v in got.values())
+    assert list(got) == list(want) and {k: (v.shape, v.dtype) for k, v in got.items()} == want
 
 
 def test_a_vocabulary_larger_than_the_weights_is_refused_without_allocating(model_dir, nothing_allocated):

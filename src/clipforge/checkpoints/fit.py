@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from clipforge.checkpoints.openai import KNOWN_EXTRAS
 from clipforge.checkpoints.safe_unpickle import CheckpointError
@@ -36,9 +38,20 @@ def listing(names: list[str], limit: int = 8) -> str:
     return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
+class _NoRandomFill(TorchFunctionMode):
+    """Skips `normal_` fills: meta tensors hold no values, and torch's meta `normal_` imports
+    torch._dynamo on first use (seconds), where everything else a meta model needs takes milliseconds."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.normal_ or func is nn.init.normal_:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def expected_tensors(config: CLIPConfig) -> dict[str, torch.Tensor]:
     """The state dict a model of `config` has, as meta tensors."""
-    with torch.device("meta"):
+    with torch.device("meta"), _NoRandomFill():
         return create_model(config).state_dict()
 
 
