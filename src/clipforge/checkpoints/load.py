@@ -9,8 +9,10 @@ What `load(name_or_path, pretrained=None)` accepts, in this order:
    archive), a torch.save file holding a state dict (zip or legacy format; `{"state_dict": ...}` and
    `{"model": ...}` wrappers and a DDP `module.` prefix are unwrapped), or a `.safetensors` file.
 
-Without a config (directories carry theirs), the architecture is inferred from the tensor shapes.
-Weights load with strict key and shape checks into a float32 model, which is returned in eval mode.
+Without a config (directories carry theirs), the architecture is inferred from the tensor shapes, and
+held to the same bounds as a config read from a file. Files are untrusted: every tensor's shape is
+checked against the architecture (from a safetensors header, before its data is read) before a model is
+built. Weights then load with strict key and shape checks into a float32 model, returned in eval mode.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@
 "tokenizer": {"path": "tokenizer"} | null}`. The weights are safetensors (no pickle, nothing executable).
 A save is written into a temporary directory beside the target and renamed into place, so a reader never
 sees a half-written model; an existing clipforge directory at the target is replaced.
+
+A directory read is untrusted: `config.json` is bounded in size and parsed field by field, every path in
+it must stay inside the directory, and the weights' header must hold exactly the tensors the config
+implies before a tensor is read (docs/loading.md lists the rules).
 """
 
 from __future__ import annotations
@@ -52,9 +56,13 @@ def inside(directory: Path, relative: str, what: str) -> Path:
     if os.path.isabs(relative):
         raise CheckpointError(f"{directory}: {what} {relative!r} is an absolute path; it must be relative")
     path = directory / relative
-    if not path.resolve().is_relative_to(directory.resolve()):
+    try:
+        target, root = path.resolve(), directory.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise CheckpointError(f"{directory}: {what} {relative!r} cannot be resolved: {e}") from None
+    if not target.is_relative_to(root):
         raise CheckpointError(
-            f"{directory}: {what} {relative!r} leads outside the model directory (to {path.resolve()})"
+            f"{directory}: {what} {relative!r} leads outside the model directory (to {target})"
         )
     return path
 
