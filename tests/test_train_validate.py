@@ -125,6 +125,24 @@ CASES = {
         "data.batch_size", "--data.source", "webdataset", "--data.path", "{files}/three-000.tar"
     ),
     "batch larger than synthetic": case("data.synthetic_samples", "--data.batch_size", "32"),
+    "CSV column missing": case(
+        "data.csv_caption_column",
+        "--data.source",
+        "csv",
+        "--data.path",
+        "{files}/three.csv",
+        "--data.csv_caption_column",
+        "text",
+    ),
+    "more workers than shards": case(
+        "data.workers",
+        "--data.source",
+        "webdataset",
+        "--data.path",
+        "{files}/three-000.tar",
+        "--data.workers",
+        "2",
+    ),
     "steps 0": case("schedule.steps", "--schedule.steps", "0"),
     "steps negative": case("schedule.steps", "--schedule.steps", "-5"),
     "warmup past the end": case("schedule.warmup_steps", "--schedule.warmup_steps", "3"),
@@ -196,17 +214,41 @@ def test_pretrained_weights_of_another_shape_are_refused_before_the_run(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path, tokenizer_dir, capsys):
-    checkpoint = tmp_path / "old" / "step-00000002"
-    checkpoint.mkdir(parents=True)
+def fake_checkpoint(path: Path, arch: str, **sections: dict) -> Path:
+    """A checkpoint directory as `save_checkpoint` lays it out: the model saved, a trainer state whose config
+    differs from the defaults by `sections`, and an optimizer file (unread by validation)."""
+    from clipforge import create_model, save
+
+    save(create_model(arch), path)
     config = dataclasses.asdict(TrainConfig())
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "config": config}))
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        (checkpoint / name).write_bytes(b"")
+    for section, fields in sections.items():
+        config[section].update(fields)
+    (path / "trainer_state.json").write_text(json.dumps({"step": 2, "config": config}))
+    (path / "optimizer.safetensors").write_bytes(b"")
+    return path
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path, tokenizer_dir, capsys):
+    checkpoint = fake_checkpoint(tmp_path / "old" / "step-00000002", "ViT-Nano-16-64")
     assert main(run_cli(tmp_path, tokenizer_dir, "--resume", str(checkpoint))) == 2
-    assert capsys.readouterr().out.startswith(
-        "clipforge train: model.name = 'ViT-Micro-16-32': the checkpoint --resume "
+    assert capsys.readouterr().out == (
+        f"clipforge train: model.name = 'ViT-Micro-16-32': the checkpoint --resume {checkpoint} was trained "
+        "with model.name = 'ViT-Nano-16-64'\n"
     )
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_checkpoint_with_another_vocabulary_is_refused(tmp_path, tokenizer_dir, capsys):
+    # The names agree; the saved model has OpenAI's vocabulary and context, not the tokenizer's 600 and 16.
+    checkpoint = fake_checkpoint(
+        tmp_path / "old" / "step-00000002",
+        "ViT-Micro-16-32",
+        model={"name": "ViT-Micro-16-32"},
+        data={"context_length": 16},
+    )
+    assert main(run_cli(tmp_path, tokenizer_dir, "--resume", str(checkpoint))) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"clipforge train: --resume = '{checkpoint}': holds ") and "context 77" in out
     assert not (tmp_path / "run").exists()
 
 

@@ -44,12 +44,12 @@ def validate_run(cfg: TrainConfig, resume: str = "") -> None:
         raise invalid("loss.init_temperature", cfg.loss.init_temperature, str(e)) from None
     check_device(cfg.run.device, cfg.run.precision)
     architecture = check_model_name(cfg)
-    vocab_size = check_tokenizer(cfg.model.tokenizer)
-    check_pretrained(cfg, model_config(cfg, vocab_size))
+    trained = model_config(cfg, check_tokenizer(cfg.model.tokenizer))
+    check_pretrained(cfg.model.pretrained, trained)
     check_data(cfg.data, architecture.vision.image_size, cfg.run.seed)
     check_eval(cfg)
     check_out_dir(cfg.run.out_dir)
-    check_resume(cfg, resume)
+    check_resume(cfg, resume, trained)
 
 
 def check_device(device: str, precision: str) -> None:
@@ -67,6 +67,9 @@ def check_device(device: str, precision: str) -> None:
             raise invalid("run.device", device, f"this machine has {count} CUDA device(s)")
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise invalid("run.precision", precision, f"the GPU of {device} has no bfloat16 support")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise invalid("run.device", device, "MPS is not available to this torch build on this machine")
     elif parsed.type != "cpu":
         raise invalid("run.device", device, "unsupported device type: use 'auto', 'cpu' or 'cuda'")
 
@@ -103,10 +106,9 @@ def check_tokenizer(path: str) -> int:
         raise invalid("model.tokenizer", path, f"cannot be loaded: {e}") from None
 
 
-def check_pretrained(cfg: TrainConfig, trained: CLIPConfig) -> None:
+def check_pretrained(source: str, trained: CLIPConfig) -> None:
     """`model.pretrained` is a release name, a weights file or a clipforge model directory; a release or a
     directory (whose config.json says what it holds) must fit the model this config trains."""
-    source = cfg.model.pretrained
     if not source:
         return
     if has_pretrained(source):
@@ -117,28 +119,33 @@ def check_pretrained(cfg: TrainConfig, trained: CLIPConfig) -> None:
     elif os.path.isfile(source):
         return  # a weights file says nothing about its architecture until it is read, in full
     else:
-        saved = _native_config(source)
+        saved = _native_config("model.pretrained", source)
     # The logit bias is the one tensor allowed to differ (`load_pretrained`).
-    if dataclasses.replace(saved, logit_bias=False) != dataclasses.replace(trained, logit_bias=False):
-        raise invalid(
-            "model.pretrained",
-            source,
-            f"holds {describe(saved)}, but this config trains {describe(trained)} (model.name, the "
-            "tokenizer's vocabulary and data.context_length must fit the weights)",
-        )
+    _check_fits(
+        "model.pretrained", source, dataclasses.replace(saved, logit_bias=trained.logit_bias), trained
+    )
 
 
-def _native_config(directory: str) -> CLIPConfig:
+def _native_config(field: str, directory: str) -> CLIPConfig:
+    """The architecture a clipforge model directory (a save or a checkpoint) says it holds."""
     if not native.is_native_dir(directory):
-        raise invalid(
-            "model.pretrained", directory, f"a directory without {native.CONFIG_FILE}: no model in it"
-        )
+        raise invalid(field, directory, f"a directory without {native.CONFIG_FILE}: no model in it")
     if not (Path(directory) / native.WEIGHTS_FILE).is_file():
-        raise invalid("model.pretrained", directory, f"holds no {native.WEIGHTS_FILE}")
+        raise invalid(field, directory, f"holds no {native.WEIGHTS_FILE}")
     try:
         return CLIPConfig.from_dict(native.read_config(directory)["model"])
     except (CheckpointError, KeyError, TypeError, ValueError) as e:
-        raise invalid("model.pretrained", directory, f"unreadable config: {e}") from None
+        raise invalid(field, directory, f"unreadable config: {e}") from None
+
+
+def _check_fits(field: str, source: str, saved: CLIPConfig, trained: CLIPConfig) -> None:
+    if saved != trained:
+        raise invalid(
+            field,
+            source,
+            f"holds {describe(saved)}, but this config trains {describe(trained)} (model.name, loss.name, "
+            "the tokenizer's vocabulary and data.context_length decide it)",
+        )
 
 
 def check_data(data: DataConfig, image_size: int, seed: int) -> None:
@@ -147,14 +154,21 @@ def check_data(data: DataConfig, image_size: int, seed: int) -> None:
     if data.source == "synthetic":
         return  # `DataConfig.validate` compared synthetic_samples with the batch size
     if data.source == "webdataset":
-        check_shards("data.path", data.path)
+        shards = check_shards("data.path", data.path)
+        if len(shards) < data.workers:  # each worker reads whole shards
+            raise invalid("data.workers", data.workers, f"more than the {len(shards)} shard(s) of data.path")
     else:
         want_dir = data.source == "folder"
         _check_kind("data.path", data.path, want_dir, "an image folder" if want_dir else "a CSV/TSV file")
     try:
         source = build_source(data, image_size, seed)  # header, columns, first image paths, shard count
     except (OSError, ValueError) as e:
-        raise invalid("data.path", data.path, str(e).removeprefix("data.path: ")) from None
+        # The sources name the field at fault, as "data.<field>: problem".
+        field, _, problem = str(e).partition(": ")
+        name = field.removeprefix("data.")
+        if not (field.startswith("data.") and hasattr(data, name)):
+            field, name, problem = "data.path", "path", str(e)
+        raise invalid(field, getattr(data, name), problem) from None
     if data.source == "webdataset":
         samples = _count_shard_samples(source.urls, data.batch_size)
     else:
@@ -260,7 +274,7 @@ def check_out_dir(out_dir: str) -> None:
         raise invalid("run.out_dir", out_dir, f"cannot be created: {parent} is not writable")
 
 
-def check_resume(cfg: TrainConfig, resume: str) -> None:
+def check_resume(cfg: TrainConfig, resume: str, trained: CLIPConfig) -> None:
     """`--resume PATH` is a whole training checkpoint of this model; `latest` may find none (a fresh run)."""
     if not resume:
         return
@@ -276,7 +290,7 @@ def check_resume(cfg: TrainConfig, resume: str) -> None:
             raise invalid(
                 "--resume", resume, f"{what}; expected a checkpoint directory (RUN_DIR/step-NNNNNNNN)"
             )
-    for name in (STATE_FILE, OPTIMIZER_FILE, native.WEIGHTS_FILE):
+    for name in (STATE_FILE, OPTIMIZER_FILE, native.CONFIG_FILE, native.WEIGHTS_FILE):
         if not (path / name).is_file():
             raise invalid("--resume", resume, f"not a training checkpoint: {path} holds no {name}")
     try:
@@ -286,6 +300,7 @@ def check_resume(cfg: TrainConfig, resume: str) -> None:
     _check_same("model.name", saved, cfg.model.name, resume)
     _check_same("loss.name", saved, cfg.loss.name, resume)
     _check_same("data.context_length", saved, cfg.data.context_length, resume)
+    _check_fits("--resume", resume, _native_config("--resume", str(path)), trained)
 
 
 def _check_same(field: str, saved: dict, value: object, resume: str) -> None:
