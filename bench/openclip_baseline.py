@@ -7,11 +7,11 @@ OpenAI's key layout, so the state dict loads strictly), then runs the tasks of c
 through clipforge's evaluation code, exactly as `clipforge eval suite` would.
 
 Runs in the side environment that has open_clip_torch (+ webdataset, braceexpand, pandas); clipforge is
-imported from this checkout's src/. bench/setup_env.sh makes that environment (by default ../benchenv);
-from the repository root:
+imported from this checkout's src/. bench/setup_env.sh makes that environment (the reference
+environment of docs/parity.md); from the repository root:
 
-    ../benchenv/bin/python bench/openclip_baseline.py                       # the full run
-    ../benchenv/bin/python bench/openclip_baseline.py --steps 6 --batch-size 32 --warmup 2 \\
+    $CLIPFORGE_REFENV/bin/python bench/openclip_baseline.py                 # the full run
+    $CLIPFORGE_REFENV/bin/python bench/openclip_baseline.py --steps 6 --batch-size 32 --warmup 2 \\
         --eval-max-samples 200 --out runs/openclip-smoke --overwrite        # a smoke test
 
 Writes OUT/results.json (metrics, samples seen, wall times, the OpenCLIP arguments), OUT/results.md,

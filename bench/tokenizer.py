@@ -2,11 +2,11 @@
 
 Needs OpenAI's reference code, so it runs in an environment that has it (`clip-anytorch`; optionally
 `instant-clip-tokenizer` and `transformers` for the extra contenders). clipforge is imported from this
-checkout's src/ and needs only torch, numpy, tokenizers, ftfy, regex and pyarrow there (bench/setup_env.sh
-makes such an environment, by default ../benchenv). From the repository root:
+checkout's src/ and needs only torch, numpy, tokenizers, ftfy, regex and pyarrow there (the reference
+environment of docs/parity.md, made by bench/setup_env.sh). From the repository root:
 
     CLIPFORGE_BPE_PATH=/path/to/bpe_simple_vocab_16e6.txt.gz \\
-        ../benchenv/bin/python bench/tokenizer.py --data ../shared/data/pictext --n 10000
+        $CLIPFORGE_REFENV/bin/python bench/tokenizer.py --data ../shared/data/pictext --n 10000
 
 --data defaults to shared/data/pictext beside the checkout.
 
