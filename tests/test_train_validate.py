@@ -49,7 +49,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     write_shard(root / "three-000.tar", labelled_samples(["red", "green", "blue"]))
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a directory\n")
-    (root / "classes.json").write_text(json.dumps(["red", "green", "blue"]))
+    (root / "other-classes.json").write_text(json.dumps(["cyan", "magenta"]))
     return root
 
 
@@ -109,6 +109,15 @@ CASES = {
         "{files}/no-{000..001}.tar",
         "--eval.classes",
         "x.json",
+    ),
+    "eval.data without those classes": case(
+        "eval.data",
+        "--eval.every",
+        "0",
+        "--eval.data",
+        "{files}/three-000.tar",
+        "--eval.classes",
+        "{files}/other-classes.json",
     ),
     "eval.templates missing": case(
         "eval.templates", "--eval.every", "0", "--eval.templates", "{files}/none.txt"

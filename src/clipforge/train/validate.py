@@ -2,9 +2,11 @@
 
 The config's values are checked when it is made (`train/config.py`, `DataConfig.validate`); this module
 checks what they point at: the device, the architecture name, the tokenizer and starting weights, the data
-and evaluation files, the run directory and the checkpoint to resume. Each check is cheap (file kinds,
-headers, at most a batch's worth of samples counted) and the first problem raises a `ConfigError` of one
-line, `field = value: what is wrong`. `train()` calls `validate_run` before it creates the run directory.
+and evaluation files, the run directory and the checkpoint to resume. Each check is cheap: file kinds and
+headers, at most a batch's worth of shard samples counted, and the lists a run makes at its start anyway (a
+CSV's rows, a folder's images, the evaluation set's labels), made once more. The first problem raises a
+`ConfigError` of one line, `field = value: what is wrong`. `train()` calls `validate_run` before it
+creates the run directory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from clipforge.configs import invalid
 from clipforge.data.config import DataConfig
 from clipforge.data.pipeline import build_source
 from clipforge.data.webdataset import _is_local, _local_path, count_samples
-from clipforge.evaluate.datasets import DataSpec
+from clipforge.evaluate.datasets import DataSpec, read_labelled
 from clipforge.evaluate.prompts import load_prompts, load_templates
 from clipforge.models import CLIPConfig, available_models, get_config
 from clipforge.tokenizer import get_tokenizer
@@ -250,9 +252,13 @@ def check_eval(cfg: TrainConfig) -> None:
             "eval.classes", e.classes, "is a directory; expected a JSON file of class names or a set name"
         )
     try:
-        load_prompts(e.classes)
+        prompts = load_prompts(e.classes)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise invalid("eval.classes", e.classes, str(err)) from None
+    try:
+        read_labelled(spec, prompts.classnames)  # the image list and labels only, as the run reads them
+    except (OSError, ValueError, tarfile.TarError) as err:
+        raise invalid("eval.data", e.data, str(err)) from None
 
 
 def check_out_dir(out_dir: str) -> None:
