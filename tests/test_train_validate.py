@@ -268,6 +268,18 @@ def test_train_itself_validates_before_creating_the_run_dir(tmp_path, tokenizer_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_weights_file_that_does_not_fit_fails_before_the_run_dir_is_made(tmp_path, tokenizer_dir):
+    # A single weights file says what it holds only when read in full: the run finds out as it starts,
+    # and must not have written anything by then.
+    from clipforge import create_model, save
+
+    save(create_model("ViT-Micro-16-32"), tmp_path / "weights")  # OpenAI's vocabulary: not the tokenizer's
+    weights_file = str(tmp_path / "weights" / "model.safetensors")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        train(tiny_config(tmp_path / "run", tokenizer_dir, "--model.pretrained", weights_file))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

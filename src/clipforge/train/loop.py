@@ -155,6 +155,7 @@ def parameters_finite(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    """The run directory, made, with the resolved config in it."""
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg))
@@ -194,7 +195,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str = ""):
         self.cfg = cfg
         self.device = setup_runtime(cfg)
-        self.run_dir = _prepare_run_dir(cfg)
+        self.run_dir = Path(cfg.run.out_dir)  # made last, so a failure on the way leaves nothing behind
         self.tokenizer = get_tokenizer(cfg.model.tokenizer or None)
         self.model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -213,6 +214,7 @@ class Trainer:
             state, self.saved_rng = load_checkpoint(checkpoint, self.model, self.optimizer)
             self.state.update(state)
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        _prepare_run_dir(cfg)
 
     def run(self) -> TrainResult:
         # A resumed run drops what the stopped one logged after its checkpoint: it logs those steps anew.
