@@ -316,3 +316,12 @@ def test_print_config_shows_the_resolved_config_and_writes_nothing(tmp_path, tok
     assert printed.optim.lr == 3e-4 and printed.model.name == "ViT-Micro-16-32"
     assert printed.model.tokenizer == str(tokenizer_dir) and printed.run.out_dir == str(tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"), [(lambda p: None, "not found"), (lambda p: p.mkdir(), "is not a file")]
+)
+def test_a_recipe_that_is_not_a_file_is_one_line(tmp_path, capsys, make, problem):
+    make(tmp_path / "recipe.toml")
+    assert main(["train", str(tmp_path / "recipe.toml")]) == 2
+    assert capsys.readouterr().out == f"clipforge train: config file {problem}: {tmp_path / 'recipe.toml'}\n"
