@@ -6,11 +6,11 @@ clipforge encodes with its inference copy (`clipforge.for_inference`, what `clip
 folded into the convolutions, a channels-last ResNet, QuickGELU folded into the MLPs; the same function up to
 float rounding); the peers with their modules as built. bf16 means autocast with fp32 weights, as a training
 run's evaluation would use it; int8 is clipforge's opt-in int8 inference copy (`clipforge.models.int8`: int8
-linear layers and, with `convolutions=True` on x86, convolutions over 16 or more channels; everything else
-fp32). For both, the note
-gives the smallest cosine similarity between the outputs and the same library's fp32 outputs on the same
-inputs; with random weights, which lack the outlier activations of trained CLIP models, so on released
-weights int8 may agree less. RN50's text tower is
+linear layers, everything else fp32; on a CPU without a fast int8 matmul it keeps fp32 layers, and the note
+says so). A ResNet's image tower is convolutions, which stay fp32, so int8 is measured on ViT-B/32 only.
+For both, the note gives the smallest cosine similarity between the outputs and the same library's fp32
+outputs on the same inputs; with random weights, which lack the outlier activations of trained CLIP models,
+so on released weights int8 may agree less. RN50's text tower is
 ViT-B/32's (same widths and depths; only the final projection differs: 512 -> 1024 instead of 512 -> 512),
 so text is measured once, on ViT-B/32.
 """
@@ -54,6 +54,10 @@ def make_case(
             return (built.encode_image if tower == "image" else built.encode_text)(inputs)
 
     info = {"items": batch, **libraries.describe(built)}
+    if precision == "int8":
+        from clipforge.models.int8 import fast_int8_matmul
+
+        info["int8_kept_fp32"] = not fast_int8_matmul()
     if precision != "fp32":
         fp32 = encode(libraries.cached(lib, a, device), "fp32").float()
         info["cosine_to_fp32"] = float(F.cosine_similarity(encode(built, precision).float(), fp32).min())
@@ -102,7 +106,7 @@ def _on_cpu(scope: str, arch: str, tower: str, batch: int, precision: str) -> bo
     """Whether a CPU run measures a cell."""
     main = (arch, tower) == ("ViT-B-32", "image")
     if precision == "int8":
-        return scope != "quick" or main
+        return arch != "RN50" and (scope != "quick" or main)
     if scope == "complete":
         return True
     if precision == "bf16" and batch > 1:  # slow without native bf16 (see the matmul peak): ~3 min more
@@ -131,6 +135,8 @@ def run(pool: Pool) -> list[Row]:
         if agreement:
             shown = ", ".join(f"{labels[k]} {c:.5f}" for k, c in agreement.items())
             row.note = f"{cell.case}, {cell.precision} vs fp32 outputs, min cosine: {shown}"
+            if any(m.info.get("int8_kept_fp32") for m in measured.values()):
+                row.note += " (no fast int8 matmul on this CPU: the int8 copy kept fp32 layers)"
         row.check_parameters({k: m.info["parameters"] for k, m in measured.items()})
         rows.append(row)
         print(row.brief(), flush=True)
