@@ -1,7 +1,10 @@
 # Every target sets itself up on a fresh machine: a venv with the CPU build of torch 2.13.0 and clipforge.
 PY ?= python3
+TORCH := torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+# A second venv with every other dependency at the floor pyproject.toml declares: the floors are tested.
+FLOORS := .venv-floors
 
 # OpenAI's BPE merges are never committed; use the shared copy when it is there (see docs/tokenizer.md).
 SHARED_BPE := $(abspath ../shared/assets/bpe_simple_vocab_16e6.txt.gz)
@@ -9,22 +12,41 @@ ifneq ($(wildcard $(SHARED_BPE)),)
 export CLIPFORGE_BPE_PATH ?= $(SHARED_BPE)
 endif
 
-.PHONY: setup test lint demo pictext
+.PHONY: setup setup-floors test lint demo pictext
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Built afresh whenever the floors change, so nothing newer lingers from an earlier install.
+$(FLOORS)/.installed: pyproject.toml .ci/floors.py
+	rm -rf $(FLOORS)
+	$(PY) -m venv $(FLOORS)
+	$(FLOORS)/bin/pip install -q --upgrade pip
+	$(FLOORS)/bin/pip install -q $(TORCH)
+	$(FLOORS)/bin/python .ci/floors.py pyproject.toml > $(FLOORS)/constraints.txt
+	$(FLOORS)/bin/pip install -q -c $(FLOORS)/constraints.txt --build-constraint $(FLOORS)/constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-test: setup
-	$(BIN)/python -m pytest
+setup-floors: $(FLOORS)/.installed
 
-lint: setup
-	$(BIN)/ruff check src tests bench scripts && $(BIN)/ruff format --check src tests bench scripts
+# The suite with the current releases, then again at the floors; either failing fails the target.
+test: setup setup-floors
+	@$(BIN)/python -m pytest; current=$$?; \
+	echo "--- the same suite at the dependency floors ($(FLOORS): $(TORCH) + $(FLOORS)/constraints.txt)"; \
+	$(FLOORS)/bin/python -m pytest; floors=$$?; \
+	test $$current -eq 0 -a $$floors -eq 0
+
+# With the ruff the main venv resolved and with the floor's, which must agree (the `ruff>=` in pyproject.toml).
+lint: setup setup-floors
+	for r in $(BIN)/ruff $(FLOORS)/bin/ruff; do \
+		$$r --version && $$r check src tests bench scripts && $$r format --check src tests bench scripts || exit 1; \
+	done
 
 demo: setup
 	$(BIN)/clipforge train configs/quickstart.toml
