@@ -21,13 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-# Built afresh whenever the floors change, so nothing newer lingers from an earlier install.
+# Built afresh whenever the floors change, so nothing newer lingers from an earlier install. torch comes
+# from the same constraints, so pip refuses it unless pyproject.toml's torch floor is $(TORCH).
 $(FLOORS)/.installed: pyproject.toml .ci/floors.py
 	rm -rf $(FLOORS)
 	$(PY) -m venv $(FLOORS)
 	$(FLOORS)/bin/pip install -q --upgrade pip
-	$(FLOORS)/bin/pip install -q $(TORCH)
 	$(FLOORS)/bin/python .ci/floors.py pyproject.toml > $(FLOORS)/constraints.txt
+	$(FLOORS)/bin/pip install -q -c $(FLOORS)/constraints.txt $(TORCH)
 	$(FLOORS)/bin/pip install -q -c $(FLOORS)/constraints.txt --build-constraint $(FLOORS)/constraints.txt -e '.[dev]'
 	touch $@
 
