@@ -12,15 +12,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 T = TypeVar("T")
 
