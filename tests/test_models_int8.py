@@ -36,8 +36,10 @@ def test_int8_linear_is_the_documented_arithmetic_exactly(features: int) -> None
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(24, features, generator=g), torch.randn(24, generator=g)
     x = torch.randn(2, 5, features, generator=g) * 3
-    # A row and a channel of equal values: the sum 127 * 127 * features passes 2^24 at 3072 features, so it
-    # is rounded when converted to fp32; an fp32 or int16 accumulation would round or wrap differently.
+    # A row and a channel of extreme values (127 and -127): a kernel that offsets activations to uint8 and
+    # adds pairs of products in int16 (AVX2 without VNNI) saturates on them, 2 * 255 * 127 > 2^15; at 3072
+    # features their sum passes 2^24, so its conversion to fp32 rounds. 7-bit grids, per-tensor scales or
+    # bf16 products differ on the random rows.
     x[0, 0], weight[0] = 0.5, -2.0
     layer = Int8Linear(weight, bias)
     assert torch.equal(layer(x), _emulate(layer, weight, bias, x))
