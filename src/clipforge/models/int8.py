@@ -10,7 +10,7 @@ attention and MLP projections are about 70% of a ViT's time on a CPU. One arithm
 - the int32 sums converted to fp32, multiplied by the two scales, the fp32 bias added.
 
 `torch._int_mm` is fast on a CPU only where PyTorch hands it to oneDNN, which it does on CPUs with
-AVX512-VNNI; elsewhere (AVX2-only x86, ARM) it is a plain loop, about 40x slower than an fp32 matmul. There
+AVX512-VNNI; elsewhere (AVX2-only x86, ARM) it is a plain loop, some 25x slower than an fp32 matmul. There
 `quantize_int8` warns once and keeps the fp32 layers, so int8 is never the slower choice. Convolutions,
 LayerNorms and attention itself stay fp32: an int8 convolution (im2col + `_int_mm`) measured slower than
 oneDNN's fp32 one. docs/int8.md has the measurements.
