@@ -105,6 +105,21 @@ def rounding_tolerance(reference: torch.Tensor, depth: int, terms: int) -> float
 # ----------------------------------------------------------------------------------------------------
 
 
+def randomized_model(name: str) -> torch.nn.Module:
+    """A seeded model in eval mode whose BatchNorms are not the identity: a fresh ResNet's last BatchNorm of
+    each block is zero, which zeroes every residual branch and would hide errors in the convolutions."""
+    from clipforge.models import create_model, get_config
+
+    torch.manual_seed(0)
+    model = create_model(get_config(name)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(bn.bias, -0.2, 0.2)
+    return model
+
+
 def stub_tokenizer(texts: list[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:
     """Bytes as token ids: enough for the data pipeline, needs no vocabulary file, and reversible."""
     out = torch.zeros(len(texts), context_length, dtype=torch.long)

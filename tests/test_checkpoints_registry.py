@@ -95,6 +95,7 @@ def _publish(server, name: str = "ViT-Nano-16-64") -> tuple[torch.nn.Module, str
 def test_download_then_load_then_reuse_the_cache(server, cache, monkeypatch):
     model, url, sha = _publish(server)
     monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(url, sha))
+
     def stub_tokenizer(path=None, context_length=None):  # OpenAI's vocabulary is not needed here
         return SimpleNamespace(vocab_size=49408, path=path, context_length=context_length)
 

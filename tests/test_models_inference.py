@@ -11,19 +11,7 @@ from torch import nn
 from clipforge.models import create_model, for_inference, get_config
 from clipforge.models.inference import fold_batchnorm, fold_quick_gelu
 from clipforge.models.layers import QuickGELU
-from conftest import rounding_budget, rounding_tolerance
-
-
-def _model(name: str) -> nn.Module:
-    """A model in eval mode whose BatchNorms have non-trivial statistics and affine parameters."""
-    torch.manual_seed(0)
-    model = create_model(get_config(name)).eval()
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        nn.init.uniform_(bn.weight, 0.5, 1.5)
-        nn.init.uniform_(bn.bias, -0.2, 0.2)
-    return model
+from conftest import randomized_model, rounding_budget, rounding_tolerance
 
 
 def _inputs(model: nn.Module, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +21,7 @@ def _inputs(model: nn.Module, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["RN-Tiny-64", "ViT-Micro-16-32"])
 def test_inference_copy_computes_the_same_function(name: str) -> None:
-    model = _model(name)
+    model = randomized_model(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = for_inference(model)
     images, tokens = _inputs(model)
@@ -49,7 +37,7 @@ def test_inference_copy_computes_the_same_function(name: str) -> None:
 
 
 def test_resnet_copy_runs_channels_last() -> None:
-    fast = for_inference(_model("RN-Tiny-64"))
+    fast = for_inference(randomized_model("RN-Tiny-64"))
     convs = [m for m in fast.visual.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     assert all(c.bias is not None for c in convs)  # each carries its folded BatchNorm
@@ -63,7 +51,7 @@ def test_batchnorm_folding_needs_eval_mode() -> None:
 
 
 def test_folding_quick_gelu_keeps_the_function() -> None:
-    model = _model("ViT-Micro-16-32")
+    model = randomized_model("ViT-Micro-16-32")
     folded = fold_quick_gelu(copy.deepcopy(model))
     assert not any(isinstance(m, QuickGELU) for m in folded.modules())
     images, tokens = _inputs(model)

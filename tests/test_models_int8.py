@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from clipforge.models import create_model, for_inference, get_config, int8
 from clipforge.models.int8 import Int8Attention, Int8Linear, quantize_int8
 from clipforge.models.layers import QuickGELU
+from conftest import randomized_model
 
 
 def _emulate(layer: Int8Linear, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -62,19 +63,6 @@ def test_int8_linear_error_is_within_the_bound_of_8_bit_grids() -> None:
     assert ((y8 - y).abs() <= bound * 1.0001 + 1e-4 * y.abs().amax()).all()
 
 
-def _randomized(name: str) -> nn.Module:
-    """A model whose BatchNorms are not the identity (a fresh ResNet's last BatchNorm of each block is zero,
-    which zeroes every residual branch), as in tests/test_models_inference.py."""
-    torch.manual_seed(0)
-    model = create_model(get_config(name)).eval()
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        nn.init.uniform_(bn.weight, 0.5, 1.5)
-        nn.init.uniform_(bn.bias, -0.2, 0.2)
-    return model
-
-
 @pytest.fixture
 def int8_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """The int8 copy is tested on every CPU: `_int_mm` is exact everywhere, only slow without VNNI."""
@@ -84,7 +72,7 @@ def int8_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("int8_is_fast")
 @pytest.mark.parametrize("name", ["ViT-Micro-16-32", "RN-Tiny-64"])
 def test_quantized_model_encodes_close_to_fp32(name: str) -> None:
-    model = _randomized(name)
+    model = randomized_model(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     quantized = quantize_int8(model)
     size = model.config.vision.image_size
@@ -102,7 +90,7 @@ def test_quantized_model_encodes_close_to_fp32(name: str) -> None:
 
 @pytest.mark.usefixtures("int8_is_fast")
 def test_convolutions_stay_fp32_and_asking_for_int8_ones_warns() -> None:
-    model = _randomized("RN-Tiny-64")
+    model = randomized_model("RN-Tiny-64")
     with pytest.warns(UserWarning, match="convolutions=True has no effect"):
         quantized = quantize_int8(model, convolutions=True)
     pooled = [_attnpool_input(m) for m in (quantized, for_inference(model))]
@@ -122,7 +110,7 @@ def _attnpool_input(model: nn.Module) -> torch.Tensor:
 
 def test_without_a_fast_int8_kernel_the_copy_stays_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int8, "fast_int8_matmul", lambda: False)
-    model = _randomized("ViT-Micro-16-32")
+    model = randomized_model("ViT-Micro-16-32")
     with pytest.warns(UserWarning, match="no fast int8") as caught:
         quantized = quantize_int8(model)
     ours = [str(w.message) for w in caught if "quantize_int8" in str(w.message)]
