@@ -268,15 +268,23 @@ def test_train_itself_validates_before_creating_the_run_dir(tmp_path, tokenizer_
     assert not (tmp_path / "run").exists()
 
 
-def test_a_weights_file_that_does_not_fit_fails_before_the_run_dir_is_made(tmp_path, tokenizer_dir):
-    # A single weights file says what it holds only when read in full: the run finds out as it starts,
-    # and must not have written anything by then.
+@pytest.mark.parametrize("kind", ["another architecture", "not CLIP weights"])
+def test_a_weights_file_that_does_not_fit_is_one_line_before_the_run(kind, tmp_path, tokenizer_dir, capsys):
+    # A single weights file is judged by its shapes (a safetensors header), before anything is built.
+    from safetensors.torch import save_file
+
     from clipforge import create_model, save
 
-    save(create_model("ViT-Micro-16-32"), tmp_path / "weights")  # OpenAI's vocabulary: not the tokenizer's
-    weights_file = str(tmp_path / "weights" / "model.safetensors")
-    with pytest.raises(RuntimeError, match="size mismatch"):
-        train(tiny_config(tmp_path / "run", tokenizer_dir, "--model.pretrained", weights_file))
+    if kind == "another architecture":
+        save(create_model("ViT-Micro-16-32"), tmp_path / "weights")  # OpenAI vocabulary, not the tokenizer
+        weights_file, expected = tmp_path / "weights" / "model.safetensors", "context 77"
+    else:
+        weights_file, expected = tmp_path / "other.safetensors", "not CLIP weights"
+        save_file({"encoder.weight": torch.zeros(3, 4)}, weights_file)
+    assert main(run_cli(tmp_path, tokenizer_dir, "--model.pretrained", str(weights_file))) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"clipforge train: model.pretrained = '{weights_file}': ") and expected in out
+    assert out.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

@@ -194,6 +194,12 @@ def _open(
     return config, weights, path
 
 
+def architecture_of(path: PathLike) -> CLIPConfig:
+    """The architecture a weights file or directory holds, checked against its shapes; nothing is built
+    (a safetensors file or a clipforge directory is read as its header alone)."""
+    return _open(path, None)[0]
+
+
 def _build(config: CLIPConfig, weights: Weights, path: Path, device: Any) -> CLIP:
     if weights.is_meta:
         weights = read_weights(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from clipforge.checkpoints import CheckpointError, native
-from clipforge.checkpoints.load import describe
+from clipforge.checkpoints.load import architecture_of, describe
 from clipforge.checkpoints.registry import available_pretrained, canonical_name, has_pretrained
 from clipforge.configs import invalid
 from clipforge.data.config import DataConfig
@@ -109,8 +109,9 @@ def check_tokenizer(path: str) -> int:
 
 
 def check_pretrained(source: str, trained: CLIPConfig) -> None:
-    """`model.pretrained` is a release name, a weights file or a clipforge model directory; a release or a
-    directory (whose config.json says what it holds) must fit the model this config trains."""
+    """`model.pretrained` is a release name, a weights file or a clipforge model directory, and what it holds
+    (a release's architecture, a directory's config.json, a file's shapes) must fit the model this config
+    trains."""
     if not source:
         return
     if has_pretrained(source):
@@ -119,7 +120,10 @@ def check_pretrained(source: str, trained: CLIPConfig) -> None:
         names = ", ".join(available_pretrained())
         raise invalid("model.pretrained", source, f"no such file or directory, nor a release name ({names})")
     elif os.path.isfile(source):
-        return  # a weights file says nothing about its architecture until it is read, in full
+        try:
+            saved = architecture_of(source)
+        except CheckpointError as e:
+            raise invalid("model.pretrained", source, str(e)) from None
     else:
         saved = _native_config("model.pretrained", source)
     # The logit bias is the one tensor allowed to differ (`load_pretrained`).
