@@ -56,6 +56,7 @@ def _type_name(tp: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipforge.checkpoints import CheckpointError
     from clipforge.configs import apply_overrides, dump_toml, load_toml
     from clipforge.train.config import TrainConfig
     from clipforge.train.loop import TrainingStopped, train
@@ -77,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"clipforge train: {e}")
         return 1
+    except (ConfigError, CheckpointError) as e:  # what changed on disk since validation, e.g. a file removed
+        print(f"clipforge train: {e}")
+        return 2
     print(f"done: {result.step} steps, final loss {result.loss:.4f}, {result.samples_per_s:.0f} samples/s")
     if result.skipped:
         print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in result.skipped.items()))
