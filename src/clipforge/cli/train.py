@@ -82,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"clipforge train: {e}")
         return 2
     print(f"done: {result.step} steps, final loss {result.loss:.4f}, {result.samples_per_s:.0f} samples/s")
-    if result.skipped:
-        print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in result.skipped.items()))
+    skipped = {reason: n for reason, n in result.skipped.items() if n}
+    if skipped:
+        print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
     if result.zeroshot:
         print("zero-shot: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.zeroshot.items()))
     print(f"run directory: {result.run_dir} (checkpoints, metrics.jsonl, curves.png, config.toml)")
