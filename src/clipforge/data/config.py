@@ -24,6 +24,9 @@ class DataConfig:
     source: str = "synthetic"  # one of SOURCES
     path: str = ""  # webdataset: shard spec with braces ("d/train-{000..008}.tar"); csv: a .csv/.tsv; folder
     batch_size: int = 128  # samples per batch (a batch loses the samples that were skipped)
+    # Gradient cache: encode a batch this many samples at a time, for the same update at a fraction of the
+    # activation memory (train/steps.py); 0 = the whole batch at once. A divisor of batch_size.
+    micro_batch_size: int = 0
     workers: int = 0  # DataLoader worker processes; 0 = make batches in the training process
     prefetch: int = 2  # batches each worker prepares ahead (ignored with workers=0)
     pin_memory: bool = False  # page-lock batches so host-to-GPU copies can be asynchronous
@@ -57,6 +60,13 @@ class DataConfig:
             f"required for data.source = {self.source!r}",
         )
         _check_min("batch_size", self.batch_size, 1)
+        _check_min("micro_batch_size", self.micro_batch_size, 0)
+        require(
+            self.micro_batch_size == 0 or self.batch_size % self.micro_batch_size == 0,
+            "data.micro_batch_size",
+            self.micro_batch_size,
+            f"must be 0 (off) or a divisor of data.batch_size = {self.batch_size}",
+        )
         _check_min("workers", self.workers, 0)
         _check_min("prefetch", self.prefetch, 1)
         _check_min("context_length", self.context_length, 2)

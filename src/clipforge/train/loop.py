@@ -1,14 +1,13 @@
 """The training loop: batches in, loss steps, metrics, checkpoints and zero-shot scores out.
 
-`train(config)` is the whole run; each step of it is a small function below. Nothing here parses flags or
-knows about files beyond the run directory.
+`train(config)` is the whole run; each part of it is a small method of `Trainer` below, and the optimizer
+step itself is a step strategy from `train/steps.py`. Nothing here parses flags or knows about files beyond
+the run directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clipforge.configs import dump_toml, to_dict
 from clipforge.data import build_train_loader
@@ -26,11 +24,14 @@ from clipforge.tokenizer import get_tokenizer
 from clipforge.train.checkpointing import RngState, load_checkpoint, resolve_resume, save_checkpoint
 from clipforge.train.config import TrainConfig
 from clipforge.train.evaluation import make_evaluator
-from clipforge.train.loss import MAX_LOGIT_SCALE, clamp_logit_scale, contrastive_loss, sigmoid_loss
 from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from clipforge.train.model import build_model, max_log_scale
-from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer, set_lr
+from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer
 from clipforge.train.progress import Progress
+from clipforge.train.steps import StepResult, parameters_finite, step_function
+from clipforge.train.steps import autocast_for as autocast_for  # re-exported for callers of the loop
+from clipforge.train.steps import compute_loss as compute_loss
+from clipforge.train.steps import train_step as train_step
 from clipforge.train.validate import validate_run
 
 log = logging.getLogger("clipforge.train")
@@ -39,18 +40,6 @@ log = logging.getLogger("clipforge.train")
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many skipped updates in a row, or an update that made the parameters
     non-finite); nothing more is written, and the message names the last checkpoint, if any."""
-
-
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    # What went non-finite ("loss", "gradient norm" or "parameters"); "" for a good step.
-    non_finite: str = ""
-
-    @property
-    def finite(self) -> bool:
-        return not self.non_finite
 
 
 @dataclass
@@ -80,78 +69,6 @@ def build_optimizer(cfg: TrainConfig, model: CLIP) -> torch.optim.AdamW:
     o = cfg.optim
     betas = (beta1 if o.beta1 is None else o.beta1, beta2 if o.beta2 is None else o.beta2)
     return make_optimizer(model, o.lr, o.weight_decay, betas, eps if o.eps is None else o.eps)
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"run.precision must be 'fp32' or 'bf16', got {precision!r}")
-
-
-def compute_loss(
-    model: CLIP, image_features: torch.Tensor, text_features: torch.Tensor, loss_name: str
-) -> torch.Tensor:
-    """The loss `loss_name` (`loss.name`) of normalized features, with the model's temperature (and bias)."""
-    if loss_name == "sigmoid":
-        return sigmoid_loss(image_features, text_features, model.logit_scale, model.logit_bias)
-    return contrastive_loss(image_features, text_features, model.logit_scale)
-
-
-def train_step(
-    model: CLIP,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    tokens: torch.Tensor,
-    lr: float,
-    precision: str,
-    grad_clip: float,
-    loss_name: str = "contrastive",
-    max_log_scale: float = MAX_LOGIT_SCALE,
-) -> StepResult:
-    """One optimizer step. A non-finite loss or gradient norm skips the update; an update that leaves a
-    parameter non-finite cannot be undone, and is reported for the caller to stop. `non_finite` names
-    which of the three it was.
-
-    `max_log_scale` bounds `model.logit_scale` after the step (`loss.max_logit_scale`, as a log).
-    """
-    set_lr(optimizer, lr)
-    with autocast_for(precision, images.device):
-        image_features = model.encode_image(images)
-        text_features = model.encode_text(tokens)
-    # The loss in fp32 whatever the autocast precision: it is cheap and the softmax is sensitive.
-    image_features = F.normalize(image_features.float(), dim=-1)
-    text_features = F.normalize(text_features.float(), dim=-1)
-    loss = compute_loss(model, image_features, text_features, loss_name)
-    if not torch.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.item(), float("nan"), "loss")
-    loss.backward()
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    if not math.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss.item(), grad_norm, "gradient norm")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if not parameters_finite(optimizer):
-        return StepResult(loss.item(), grad_norm, "parameters")
-    clamp_logit_scale(model.logit_scale, max_log_scale)
-    return StepResult(loss.item(), grad_norm)
-
-
-def parameters_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every parameter the optimizer updates is finite.
-
-    The 2-norm of each tensor (one fused kernel on CUDA, vectorized sums on a CPU, one sync) is NaN or inf
-    whenever the tensor holds one. It can also overflow for huge but finite values, so only then is each
-    element asked exactly. A max-abs norm would need no second look, but it is far slower on a CPU.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if bool(torch.stack(torch._foreach_norm(params, 2)).isfinite().all()):
-        return True
-    return all(bool(p.isfinite().all()) for p in params)
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:
@@ -200,6 +117,8 @@ class Trainer:
         self.model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.max_log_scale = max_log_scale(cfg.loss)
+        # The whole batch at once, or a gradient cache over micro-batches: the same update either way.
+        self.step_function = step_function(cfg.data.micro_batch_size)
         s = cfg.schedule
         self.schedule = WarmupCosine(cfg.optim.lr, s.warmup_steps, s.steps, s.final_lr)
         image_size = self.model.config.vision.image_size
@@ -269,7 +188,7 @@ class Trainer:
         tokens = batch.tokens.to(self.device, non_blocking=True)
         lr = self.schedule(step)
         cfg = self.cfg
-        result = train_step(
+        result = self.step_function(
             self.model,
             self.optimizer,
             images,

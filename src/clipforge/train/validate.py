@@ -88,6 +88,14 @@ def check_model_name(cfg: TrainConfig) -> CLIPConfig:
         raise invalid(
             "model.patch_dropout", dropout, f"needs a ViT image tower; {cfg.model.name} has a ResNet"
         )
+    micro = cfg.data.micro_batch_size
+    if micro > 0 and architecture.vision.kind != "vit" and not cfg.model.lock_image:
+        # A training BatchNorm normalizes by micro-batch statistics: the cache would change the update.
+        raise invalid(
+            "data.micro_batch_size",
+            micro,
+            f"needs a ViT image tower or model.lock_image; {cfg.model.name}'s ResNet has BatchNorms",
+        )
     return architecture
 
 
