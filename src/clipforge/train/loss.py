@@ -3,7 +3,8 @@ pairwise sigmoid loss (Zhai et al. 2023), with the temperature conventions of ea
 
 Both take L2-normalized features and are written so that data-parallel training can plug in later
 without changing them: they score this process's images against any block of texts, told where this
-process's own pairs sit in it.
+process's own pairs sit in it. The sharded forms gather the columns from all processes themselves, and
+the contrastive one can stream over them in blocks so that no (local x global) logits matrix exists.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from clipforge.train.distributed import gather_with_grad
 
 # The paper clips the learned temperature so that logits are scaled by at most 100.
 MAX_LOGIT_SCALE = math.log(100)
@@ -86,6 +89,108 @@ def sigmoid_loss(
         rows = torch.arange(image_features.shape[0], device=logits.device)
         labels[rows, rows + offset] = 1.0
     return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """mean_i [logsumexp_j(s q_i . k_j) - s q_i . k_(offset+i)], s = exp(logit_scale), over blocks of keys.
+
+    The forward keeps a running log-sum-exp per row; the backward recomputes each block's logits and uses
+    d loss / d logits = (softmax - onehot) / B, so only (B x chunk) logits ever exist.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, logit_scale, offset: int, chunk: int):
+        scale = logit_scale.exp()
+        lse = queries.new_full((queries.shape[0],), -math.inf)
+        for start in range(0, keys.shape[0], chunk):
+            lse = torch.logaddexp(lse, (scale * queries @ keys[start : start + chunk].t()).logsumexp(dim=1))
+        own = scale * (queries * keys[offset : offset + queries.shape[0]]).sum(dim=1)
+        ctx.save_for_backward(queries, keys, logit_scale, lse)
+        ctx.offset, ctx.chunk = offset, chunk
+        return (lse - own).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        queries, keys, logit_scale, lse = ctx.saved_tensors
+        scale, rows = logit_scale.exp(), torch.arange(queries.shape[0], device=queries.device)
+        labels = rows + ctx.offset
+        d_queries, d_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+        d_scale = torch.zeros_like(logit_scale)
+        for start in range(0, keys.shape[0], ctx.chunk):
+            block = keys[start : start + ctx.chunk]
+            cosines = queries @ block.t()
+            d_logits = (scale * cosines - lse[:, None]).exp()  # the softmax, this block's columns
+            hit = (labels >= start) & (labels < start + block.shape[0])
+            d_logits[rows[hit], labels[hit] - start] -= 1.0
+            d_logits *= grad / queries.shape[0]
+            d_queries += scale * d_logits @ block
+            d_keys[start : start + block.shape[0]] = scale * d_logits.t() @ queries
+            d_scale += (d_logits * cosines).sum()
+        return d_queries, d_keys, d_scale * scale, None, None  # d/d log s = s * d/ds
+
+
+def chunked_cross_entropy(
+    queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor, offset: int, chunk: int
+) -> torch.Tensor:
+    """`F.cross_entropy(logit_scale.exp() * queries @ keys.T, offset + arange(B))`, computed `chunk` keys at a
+    time in the forward and the backward pass, with the exact gradient."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of columns, got {chunk}")
+    if offset < 0 or offset + queries.shape[0] > keys.shape[0]:
+        end = offset + queries.shape[0]
+        raise ValueError(f"labels {offset}..{end - 1} are outside the {keys.shape[0]} keys")
+    return _ChunkedCrossEntropy.apply(queries, keys, logit_scale, offset, chunk)
+
+
+def _gathered(local: torch.Tensor, world: int) -> torch.Tensor:
+    """All processes' rows in rank order; a clear error if the process group does not match `world`."""
+    gathered = gather_with_grad(local) if world > 1 else local
+    if gathered.shape[0] != world * local.shape[0]:
+        raise ValueError(
+            f"{world} processes expected but gathering gave {gathered.shape[0]} rows from {local.shape[0]} "
+            "local ones: is the process group initialized?"
+        )
+    return gathered
+
+
+def sharded_contrastive_loss(
+    image_local: torch.Tensor,
+    text_local: torch.Tensor,
+    logit_scale: torch.Tensor,
+    rank: int,
+    world: int,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """This process's share of the global batch's contrastive loss: its B images against all N = world * B
+    texts, and its B texts against all N images, the matching pair at column rank * B + i.
+
+    Each direction is a mean over this process's B rows, so the mean of the returned values over
+    processes is the global loss (the mean over all N rows), and with DDP averaging gradients the update
+    is a 1-process run's on the global batch. `chunk`: stream over that many columns at a time
+    (`chunked_cross_entropy`). With world = 1 this is `contrastive_loss`.
+    """
+    all_images, all_texts = _gathered(image_local, world), _gathered(text_local, world)
+    offset = rank * image_local.shape[0]
+    if chunk is None:
+        return contrastive_loss(image_local, text_local, logit_scale, all_images, all_texts, offset)
+    per_image = chunked_cross_entropy(image_local, all_texts, logit_scale, offset, chunk)
+    per_text = chunked_cross_entropy(text_local, all_images, logit_scale, offset, chunk)
+    return (per_image + per_text) / 2
+
+
+def sharded_sigmoid_loss(
+    image_local: torch.Tensor,
+    text_local: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    rank: int,
+    world: int,
+) -> torch.Tensor:
+    """This process's share of the global batch's sigmoid loss: its B images against all N texts, divided
+    by B, so the mean over processes is the global loss (-1/N times the sum over all N^2 pairs). Every pair
+    is scored once, by the process holding its image. With world = 1 this is `sigmoid_loss`."""
+    all_texts = _gathered(text_local, world)
+    return sigmoid_loss(image_local, all_texts, logit_scale, logit_bias, offset=rank * image_local.shape[0])
 
 
 @torch.no_grad()
