@@ -7,8 +7,11 @@ import torch.nn.functional as F
 from clipforge.train.loss import (
     LOSS_DEFAULTS,
     MAX_LOGIT_SCALE,
+    chunked_cross_entropy,
     clamp_logit_scale,
     contrastive_loss,
+    sharded_contrastive_loss,
+    sharded_sigmoid_loss,
     sigmoid_loss,
 )
 
@@ -142,3 +145,69 @@ def test_loss_defaults_follow_the_papers():
     assert math.log(LOSS_DEFAULTS["contrastive"].max_logit_scale) == MAX_LOGIT_SCALE
     assert LOSS_DEFAULTS["sigmoid"].init_temperature == 0.1  # t = 10
     assert LOSS_DEFAULTS["sigmoid"].max_logit_scale == math.inf  # SigLIP does not clamp
+
+
+def features(n: int, dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """n unit image and text features and the log of CLIP's starting scale, all requiring gradients."""
+    g = torch.Generator().manual_seed(seed)
+    images, texts = (F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1) for _ in range(2))
+    log_scale = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    return images.requires_grad_(), texts.requires_grad_(), log_scale.requires_grad_()
+
+
+def loss_and_grads(loss: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return [loss.detach(), *torch.autograd.grad(loss, inputs)]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 8, 20])  # dividing the 8 columns, not dividing, more than all
+def test_chunked_contrastive_loss_and_gradients_are_exact_in_float64(chunk):
+    inputs = features(8, 16, torch.float64, seed=6)
+    want = loss_and_grads(contrastive_loss(*inputs), inputs)
+    got = loss_and_grads(sharded_contrastive_loss(*inputs, rank=0, world=1, chunk=chunk), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_chunked_contrastive_loss_and_gradients_match_in_float32(chunk):
+    inputs = features(8, 16, torch.float32, seed=7)
+    want = loss_and_grads(contrastive_loss(*inputs), inputs)
+    got = loss_and_grads(sharded_contrastive_loss(*inputs, rank=0, world=1, chunk=chunk), inputs)
+    # Both sum the same terms in another order. A logit s * q.k (unit vectors, s = 1/0.07) is off by at
+    # most s * D * eps, a log-sum-exp over N columns adds N * eps * s; the gradients multiply that error in
+    # the softmax by a further s. So every value is within s^2 * (D + N) * eps (~6e-4 for values of
+    # order 1..s; a missed block or a wrong label is off by O(1)).
+    s, bound = 1 / 0.07, (16 + 8) * torch.finfo(torch.float32).eps
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=s * s * bound)
+
+
+def test_chunked_cross_entropy_with_an_offset_is_the_cross_entropy():
+    """A process's 3 rows against 10 gathered columns, its pairs at columns 5..7, in blocks of 4."""
+    queries, keys, log_scale = features(10, 6, torch.float64, seed=8)
+    queries_local = queries[5:8]
+    want_loss = F.cross_entropy(log_scale.exp() * queries_local @ keys.t(), torch.arange(3) + 5)
+    want = loss_and_grads(want_loss, (queries, keys, log_scale))
+    got_loss = chunked_cross_entropy(queries_local, keys, log_scale, offset=5, chunk=4)
+    got = loss_and_grads(got_loss, (queries, keys, log_scale))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_sharded_losses_with_one_process_are_the_plain_losses():
+    images, texts, log_scale = features(6, 5, torch.float64, seed=9)
+    bias = torch.tensor(-3.0, dtype=torch.float64)
+    assert sharded_contrastive_loss(images, texts, log_scale, 0, 1) == contrastive_loss(
+        images, texts, log_scale
+    )
+    got = sharded_sigmoid_loss(images, texts, log_scale, bias, 0, 1)
+    assert got == sigmoid_loss(images, texts, log_scale, bias)
+
+
+@pytest.mark.parametrize(
+    "chunk, offset, message", [(0, 0, "chunk must be"), (2, 8, "labels 8..10 are outside")]
+)
+def test_chunked_cross_entropy_refuses_bad_arguments(chunk, offset, message):
+    queries, keys, log_scale = features(10, 4, torch.float32, seed=10)
+    with pytest.raises(ValueError, match=message):
+        chunked_cross_entropy(queries[:3], keys, log_scale, offset=offset, chunk=chunk)
