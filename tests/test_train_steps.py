@@ -166,6 +166,30 @@ def test_a_training_batchnorm_is_refused():
         gradient_cache_step(model, optimizer, images, tokens, 2, LR, "fp32", 0.0)
 
 
+def test_a_locked_resnet_tower_is_exact():
+    """A locked tower runs in eval mode: its BatchNorms use running statistics, per sample, so the cache
+    is allowed and exact (the text tower trains)."""
+    torch.manual_seed(0)
+    model = create_model("RN-Tiny-64")
+    model.lock_tower("image")
+    model.train()
+    twin = copy.deepcopy(model)
+    images, tokens = torch.randn(8, 3, 64, 64), torch.randint(1, 100, (8, 8))
+    tokens[:, -1] = 100
+    pairs = [
+        (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR)) for m in (model, twin)
+    ]
+    plain_grads, cached_grads = (record_gradients(m, o) for m, o in pairs)
+    a = train_step(*pairs[0], images, tokens, LR, "fp32", 0.0)
+    b = gradient_cache_step(*pairs[1], images, tokens, 2, LR, "fp32", 0.0)
+    rtol = tolerance(model)
+    assert b.loss == pytest.approx(a.loss, rel=rtol)
+    assert plain_grads and plain_grads.keys() == cached_grads.keys()
+    assert not any(name.startswith("visual.") for name in plain_grads)
+    for key, grad in plain_grads.items():
+        assert_close(cached_grads[key], grad, rtol, f"gradient of {key}")
+
+
 @pytest.mark.parametrize(
     ("micro", "ok"), [(0, True), (8, True), (32, True), (5, False), (64, False), (-1, False)]
 )

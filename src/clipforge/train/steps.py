@@ -158,7 +158,10 @@ def gradient_cache_step(
     ):
         _set_rng_state(state, images.device)
         features = encode(model, piece_images, piece_tokens, precision)
-        torch.autograd.backward(features, (image_grad, text_grad))
+        # A locked tower (LiT) has nothing to backpropagate into.
+        trained = [(f, g) for f, g in zip(features, (image_grad, text_grad), strict=True) if f.requires_grad]
+        if trained:
+            torch.autograd.backward([f for f, _ in trained], [g for _, g in trained])
     return _apply_gradients(model, optimizer, loss.item(), grad_clip, max_log_scale)
 
 
