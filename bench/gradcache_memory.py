@@ -20,13 +20,7 @@ import time
 
 import torch
 
-
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from bench.machine import reset_peak_rss, rss_mib
 
 
 def point(model_name: str, batch: int, micro: int) -> dict:
@@ -49,12 +43,11 @@ def point(model_name: str, batch: int, micro: int) -> dict:
             train_step(model, optimizer, images, tokens, 1e-4, "fp32", 0.0)
 
     step()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # VmHWM := VmRSS
-    before, start = _rss_mib("VmRSS"), time.perf_counter()
+    reset_peak_rss()
+    before, start = rss_mib("VmRSS"), time.perf_counter()
     step()
     seconds = time.perf_counter() - start
-    return {"batch": batch, "micro": micro, "delta_mib": _rss_mib("VmHWM") - before, "seconds": seconds}
+    return {"batch": batch, "micro": micro, "delta_mib": rss_mib("VmHWM") - before, "seconds": seconds}
 
 
 def main() -> None:

@@ -72,3 +72,18 @@ def environment(libs: list[str], device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def rss_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB: "VmRSS" (resident now) or "VmHWM" (its peak)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")

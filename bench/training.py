@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bench import libraries
 from bench.encoding import autocast
 from bench.envs import CLIPFORGE, CONTENDERS, Contender, Pool
+from bench.machine import reset_peak_rss, rss_mib
 from bench.results import Row
 from bench.specs import ARCHS, make_images, make_tokens
 from bench.timing import Stats
@@ -64,20 +65,6 @@ def make_case(
     return step, {"items": batch, **libraries.describe(built)}
 
 
-def _rss_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    """Set VmHWM (the peak RSS) to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-
-
 def memory_point(
     lib: str, arch: str, batch: int, precision: str, warmup_steps: int, steps: int, device: str
 ) -> dict:
@@ -89,15 +76,15 @@ def memory_point(
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        _reset_peak_rss()
-        before = _rss_mib("VmRSS")
+        reset_peak_rss()
+        before = rss_mib("VmRSS")
     for _ in range(warmup_steps + steps):
         step()
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = _rss_mib("VmHWM")
+        peak = rss_mib("VmHWM")
     return {"before_mib": before, "peak_mib": peak, "delta_mib": peak - before, **info}
 
 
