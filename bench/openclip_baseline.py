@@ -10,8 +10,8 @@ Runs in the side environment that has open_clip_torch (+ webdataset, braceexpand
 imported from this checkout's src/. bench/setup_env.sh makes that environment (the reference
 environment of docs/parity.md); from the repository root:
 
-    $CLIPFORGE_REFENV/bin/python bench/openclip_baseline.py                 # the full run
-    $CLIPFORGE_REFENV/bin/python bench/openclip_baseline.py --steps 6 --batch-size 32 --warmup 2 \\
+    $CLIPFORGE_BENCH_ENV/bin/python bench/openclip_baseline.py                 # the full run
+    $CLIPFORGE_BENCH_ENV/bin/python bench/openclip_baseline.py --steps 6 --batch-size 32 --warmup 2 \\
         --eval-max-samples 200 --out runs/openclip-smoke --overwrite        # a smoke test
 
 Writes OUT/results.json (metrics, samples seen, wall times, the OpenCLIP arguments), OUT/results.md,

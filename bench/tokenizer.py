@@ -6,7 +6,7 @@ checkout's src/ and needs only torch, numpy, tokenizers, ftfy, regex and pyarrow
 environment of docs/parity.md, made by bench/setup_env.sh). From the repository root:
 
     CLIPFORGE_BPE_PATH=/path/to/bpe_simple_vocab_16e6.txt.gz \\
-        $CLIPFORGE_REFENV/bin/python bench/tokenizer.py --data ../shared/data/pictext --n 10000
+        $CLIPFORGE_BENCH_ENV/bin/python bench/tokenizer.py --data ../shared/data/pictext --n 10000
 
 --data defaults to shared/data/pictext beside the checkout.
 

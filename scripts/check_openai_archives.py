@@ -14,9 +14,9 @@ load that file with `clipforge.checkpoints.load_model` (restricted unpickler; `t
 - image and text features and logits against OpenAI's eager model (`model.float()`, as `clip.load`
   does on the CPU) and against OpenAI's TorchScript archive itself loaded with `torch.jit.load`.
 
-    PYTHONPATH=src $CLIPFORGE_REFENV/bin/python scripts/check_openai_archives.py [ViT-B-32 RN50 ...]
+    PYTHONPATH=src $CLIPFORGE_BENCH_ENV/bin/python scripts/check_openai_archives.py [ViT-B-32 RN50 ...]
 
-`$CLIPFORGE_REFENV` is the reference environment, built by `bench/setup_env.sh $CLIPFORGE_REFENV`
+`$CLIPFORGE_BENCH_ENV` is the reference environment, built by `bench/setup_env.sh $CLIPFORGE_BENCH_ENV`
 (docs/parity.md).
 """
 

@@ -6,9 +6,9 @@ cleaning and the shortcuts treat specially (quotes, entities, mojibake, controls
 It needs OpenAI's code, so it runs in the reference environment, with clipforge from this checkout:
 
     CLIPFORGE_BPE_PATH=.../bpe_simple_vocab_16e6.txt.gz \\
-        $CLIPFORGE_REFENV/bin/python scripts/check_tokenizer_against_openai.py --random 40000
+        $CLIPFORGE_BENCH_ENV/bin/python scripts/check_tokenizer_against_openai.py --random 40000
 
-`$CLIPFORGE_REFENV` is the reference environment, built by `bench/setup_env.sh $CLIPFORGE_REFENV`
+`$CLIPFORGE_BENCH_ENV` is the reference environment, built by `bench/setup_env.sh $CLIPFORGE_BENCH_ENV`
 (docs/parity.md).
 
 Modes: one big batch (the Arrow path), batches of 100 (the plain-Python path), and batches of 3,000 through

@@ -1,9 +1,9 @@
 """Reference fixtures for the model tests, produced by OpenAI's own code (`clip-anytorch`).
 
-Run with the reference environment's interpreter, never in CI (see docs/parity.md). `$CLIPFORGE_REFENV` is
-that environment, built by `bench/setup_env.sh $CLIPFORGE_REFENV` (torch, torchvision, clip-anytorch):
+Run with the reference environment's interpreter, never in CI (see docs/parity.md). `$CLIPFORGE_BENCH_ENV` is
+that environment, built by `bench/setup_env.sh $CLIPFORGE_BENCH_ENV` (torch, torchvision, clip-anytorch):
 
-    $CLIPFORGE_REFENV/bin/python scripts/make_model_fixtures.py tests/fixtures/models
+    $CLIPFORGE_BENCH_ENV/bin/python scripts/make_model_fixtures.py tests/fixtures/models
 
 Writes, for small ViT and ResNet configs, seeded random weights in OpenAI's layout plus the reference
 outputs of encode_image, encode_text and the logits on fixed inputs (`parity_<name>.safetensors`, with the
@@ -28,7 +28,7 @@ try:
 except ImportError:
     sys.exit(
         "OpenAI's `clip` module is missing: run this with the reference environment's interpreter, "
-        "$CLIPFORGE_REFENV/bin/python (built by bench/setup_env.sh)"
+        "$CLIPFORGE_BENCH_ENV/bin/python (built by bench/setup_env.sh)"
     )
 
 # (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,

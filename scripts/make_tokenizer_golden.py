@@ -1,10 +1,10 @@
 """Make tests/fixtures/tokenizer/openai_golden.jsonl.gz: adversarial strings and OpenAI's own tokenization.
 
 Runs in a separate environment that has OpenAI's reference code (the `clip` module, e.g. from the
-`clip-anytorch` package), never in clipforge's: `$CLIPFORGE_REFENV`, built by
-`bench/setup_env.sh $CLIPFORGE_REFENV` (docs/parity.md).
+`clip-anytorch` package), never in clipforge's: `$CLIPFORGE_BENCH_ENV`, built by
+`bench/setup_env.sh $CLIPFORGE_BENCH_ENV` (docs/parity.md).
 
-    $CLIPFORGE_REFENV/bin/python scripts/make_tokenizer_golden.py
+    $CLIPFORGE_BENCH_ENV/bin/python scripts/make_tokenizer_golden.py
 
 The strings are generated here (seeded, so the file is reproducible) plus hand-written cases. For each string
 the fixture records what OpenAI's code returns: `SimpleTokenizer.encode`, `decode` of that, and the

@@ -1,9 +1,9 @@
 """Generate tests/fixtures/transforms/openai_transform.npz: OpenAI's real eval transform on odd inputs.
 
-Run in the reference venv (torch + torchvision + clip-anytorch, module ``clip``), ``$CLIPFORGE_REFENV``,
-built by ``bench/setup_env.sh $CLIPFORGE_REFENV`` (docs/parity.md):
+Run in the reference venv (torch + torchvision + clip-anytorch, module ``clip``), ``$CLIPFORGE_BENCH_ENV``,
+built by ``bench/setup_env.sh $CLIPFORGE_BENCH_ENV`` (docs/parity.md):
 
-    $CLIPFORGE_REFENV/bin/python scripts/make_transform_fixtures.py
+    $CLIPFORGE_BENCH_ENV/bin/python scripts/make_transform_fixtures.py
 
 It builds small seeded images in many PIL modes and awkward sizes, runs ``clip.clip._transform(n_px)``
 for n_px in (24, 33) and stores, per case, the raw input (mode, size, ``tobytes()``, palette) and the
