@@ -9,14 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipforge.evaluate.datasets import (
-    DataSpec,
-    ImageDataset,
-    drop_undecodable,
-    read_captioned,
-    read_labelled,
-)
+from clipforge.evaluate.datasets import DataSpec, drop_undecodable, read_captioned, read_labelled
 from clipforge.evaluate.features import image_features
+from clipforge.evaluate.images import ImageDataset
 from clipforge.models import create_model
 from clipforge.transforms import EvalTransform
 from conftest import colour_png, huge_png, labelled_samples, truncated_jpeg, write_shard

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipforge.evaluate.datasets import ImageRef
+from clipforge.evaluate.images import ImageRef
 
 
 def default_cache_dir() -> Path:

@@ -2,8 +2,9 @@
 
 Every reader returns an `EvalData`: the images as `ImageRef`s (a file, or a member of an uncompressed tar
 read at its byte offset) and, in the same order, a class index or a list of captions per image. Nothing is
-decoded while reading; `ImageDataset` decodes with OpenAI's exact eval transform in DataLoader workers, and
-because every image has an index, the features come out in dataset order whatever the worker count.
+decoded while reading; `ImageDataset` (evaluate/images.py) decodes with OpenAI's exact eval transform in
+DataLoader workers, and because every image has an index, the features come out in dataset order whatever
+the worker count.
 
 Formats (`DataSpec.format`, "auto" picks by the path):
 - webdataset: uncompressed tars (``eval-{000..009}.tar``). Members sharing a key form a sample: the image
@@ -38,7 +39,8 @@ from typing import Literal
 
 import torch
 
-from clipforge.data.samples import MISSING_CAPTION, MISSING_IMAGE, Skip, image_skip
+from clipforge.data.samples import MISSING_CAPTION, MISSING_IMAGE
+from clipforge.evaluate.images import ImageDataset, ImageRef
 from clipforge.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -87,25 +89,6 @@ class DataSpec:
         return "webdataset"
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    """An encoded image: a whole file (`size` -1) or `size` bytes at `offset` in an uncompressed tar."""
-
-    path: str
-    offset: int = 0
-    size: int = -1
-
-    def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            if self.size < 0:
-                return f.read()
-            f.seek(self.offset)
-            return f.read(self.size)
-
-    def __str__(self) -> str:
-        return self.path if self.size < 0 else f"{self.path}@{self.offset}"
-
-
 UNKNOWN_LABEL = "unknown_label"  # a sample with no label, or one that is not among the classes
 
 
@@ -140,39 +123,6 @@ class EvalData:
         if self.captions is not None:
             self.captions = [self.captions[i] for i in keep]
         self.skipped_by_reason = dict(Counter(self.skipped_by_reason) + Counter(reasons.values()))
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Map-style dataset of decoded, eval-transformed images: item i is (image i, True), or
-    (zeros, False) when image i cannot be used -- a missing file, bytes that do not decode, or more
-    than `max_pixels` pixels (None: the default limit). A bad image never stops a DataLoader worker."""
-
-    def __init__(self, images: Sequence[ImageRef], transform: EvalTransform, max_pixels: int | None = None):
-        self.images = list(images)
-        self.transform = transform
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def decode(self, index: int) -> torch.Tensor:
-        """Image `index`, transformed; raises when it cannot be used."""
-        return self.transform(self.transform.load(self.images[index].read(), self.max_pixels))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
-        try:
-            return self.decode(index), True
-        except Exception:  # why is found again by `problem`, in the main process, for the few bad ones
-            size = self.transform.image_size
-            return torch.zeros(3, size, size), False
-
-    def problem(self, index: int) -> Skip | None:
-        """Why image `index` cannot be used (a `Skip` with a reason of data.samples), or None."""
-        try:
-            self.decode(index)
-        except Exception as exc:
-            return image_skip(exc)
-        return None
 
 
 def drop_undecodable(

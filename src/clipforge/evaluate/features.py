@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from clipforge.evaluate.datasets import ImageDataset, ImageRef
+from clipforge.evaluate.images import ImageDataset, ImageRef
 from clipforge.transforms import EvalTransform
 
 FEATURE_LAYERS = ("embed", "pre-projection")
