@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -201,6 +202,32 @@ def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
 # ----------------------------------------------------------------------------------------------------
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def random_image(rng: np.random.Generator, mode: str, size: tuple[int, int]) -> Image.Image:
+    """An image of `mode` and `size` with random pixels (and a random palette for P/PA)."""
+    w, h = size
+    if mode == "1":
+        return Image.fromarray(rng.integers(0, 2, (h, w)).astype(bool))
+    if mode == "I;16":
+        return Image.frombytes(mode, size, rng.integers(0, 65536, (h, w)).astype("<u2").tobytes())
+    if mode == "I":
+        return Image.frombytes(mode, size, rng.integers(-9, 300, (h, w)).astype("<i4").tobytes())
+    if mode == "F":
+        return Image.frombytes(mode, size, (rng.random((h, w)) * 300).astype("<f4").tobytes())
+    bands = {"P": 1, "LA": 2, "PA": 2}.get(mode, len(mode))
+    image = Image.frombytes(mode, size, rng.integers(0, 256, (h, w, bands), dtype=np.uint8).tobytes())
+    if mode in ("P", "PA"):
+        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    return image
+
+
+def random_images(count: int, seed: int = 1) -> list[Image.Image]:
+    """`count` seeded images cycling through odd sizes and the modes a photo collection holds."""
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 30), (30, 40), (1, 50), (64, 64), (13, 9), (90, 20)]
+    modes = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
+    return [random_image(rng, modes[i % len(modes)], sizes[i % len(sizes)]) for i in range(count)]
 
 
 def colour_png(colour: str, size: int = 12, shade: int = 0) -> bytes:

@@ -1,11 +1,9 @@
 """Image preprocessing: OpenAI parity (fixture from the real clip._transform), an independent numpy
-reference, the train augmentation's determinism, JPEG draft loading, batching and pickling."""
+reference, the train augmentation's determinism (loading and batching: test_transforms_loading.py)."""
 
 from __future__ import annotations
 
 import ast
-import io
-import math
 import pickle
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import PIL
 import pytest
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from clipforge.transforms import (
     DEFAULT_TRAIN_RATIO,
@@ -24,14 +22,12 @@ from clipforge.transforms import (
     TrainTransform,
     center_crop,
     image_transform,
-    load_image,
     normalize,
-    preprocess_batch,
     resize_shorter_side,
     sample_crop_box,
     to_tensor,
 )
-from clipforge.transforms.loading import decode_jpeg_rgb
+from conftest import random_image, random_images
 
 FIXTURE = Path(__file__).parent / "fixtures" / "transforms" / "openai_transform.npz"
 SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "transforms"
@@ -142,23 +138,6 @@ def _reference_eval(image: Image.Image, n: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def _random_image(rng: np.random.Generator, mode: str, size: tuple[int, int]) -> Image.Image:
-    w, h = size
-    if mode == "1":
-        return Image.fromarray(rng.integers(0, 2, (h, w)).astype(bool))
-    if mode == "I;16":
-        return Image.frombytes(mode, size, rng.integers(0, 65536, (h, w)).astype("<u2").tobytes())
-    if mode == "I":
-        return Image.frombytes(mode, size, rng.integers(-9, 300, (h, w)).astype("<i4").tobytes())
-    if mode == "F":
-        return Image.frombytes(mode, size, (rng.random((h, w)) * 300).astype("<f4").tobytes())
-    bands = {"P": 1, "LA": 2, "PA": 2}.get(mode, len(mode))
-    image = Image.frombytes(mode, size, rng.integers(0, 256, (h, w, bands), dtype=np.uint8).tobytes())
-    if mode in ("P", "PA"):
-        image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
-    return image
-
-
 MODES = ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1", "RGB", "I", "F", "PA", "YCbCr", "RGBX"]
 SIZES = [(1, 500), (500, 1), (37, 23), (23, 37), (5, 9), (16, 16), (17, 16), (16, 19), (23, 16), (41, 40)]
 
@@ -167,7 +146,7 @@ SIZES = [(1, 500), (500, 1), (37, 23), (23, 37), (5, 9), (16, 16), (17, 16), (16
 def test_eval_matches_independent_reference(mode: str) -> None:
     rng = np.random.default_rng(sum(map(ord, mode)))
     for size in SIZES:
-        image = _random_image(rng, mode, size)
+        image = random_image(rng, mode, size)
         for n in (16, 21):
             got = EvalTransform(n)(image)
             assert got.shape == (3, n, n) and got.dtype == torch.float32
@@ -199,7 +178,7 @@ def test_public_steps_compose_to_the_transform(openai_fixture: dict[str, np.ndar
 
 def test_eval_output_range_and_default_dtype() -> None:
     rng = np.random.default_rng(0)
-    image = _random_image(rng, "RGB", (45, 30))
+    image = random_image(rng, "RGB", (45, 30))
     out = EvalTransform(24)(image)
     lo = (0 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
     hi = (1 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
@@ -243,15 +222,8 @@ def test_no_torchvision_import() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _images(count: int, seed: int = 1) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    sizes = [(40, 30), (30, 40), (1, 50), (64, 64), (13, 9), (90, 20)]
-    modes = ["RGB", "L", "RGBA", "P", "CMYK", "I;16"]
-    return [_random_image(rng, modes[i % len(modes)], sizes[i % len(sizes)]) for i in range(count)]
-
-
 def test_train_deterministic_for_seed_and_varies_across_seeds() -> None:
-    images = _images(6)
+    images = random_images(6)
     t = TrainTransform(24, seed=7)
     run1 = [t(im) for im in images]
     t = TrainTransform(24, seed=7)
@@ -267,7 +239,7 @@ def test_train_deterministic_for_seed_and_varies_across_seeds() -> None:
 
 
 def test_train_resume_pickle_and_keys() -> None:
-    images = _images(8)
+    images = random_images(8)
     t = TrainTransform(20, seed=3)
     head = [t(im) for im in images[:3]]
     state = t.state_dict()
@@ -293,7 +265,7 @@ def test_train_resize_matches_pil_bicubic(mode: str) -> None:
     """RGB and L go through torch's uint8 bicubic (within a level of PIL's); other modes through PIL."""
     rng = np.random.default_rng(0)
     for target, size in [(24, (90, 70)), (40, (33, 30))]:  # shrinking, and enlarging
-        image = _random_image(rng, mode, size)
+        image = random_image(rng, mode, size)
         t = TrainTransform(target, seed=0)
         left, top, cw, ch = t.crop_box(*image.size, key=5)
         pil = image.crop((left, top, left + cw, top + ch)).resize((target, target), Image.Resampling.BICUBIC)
@@ -326,98 +298,3 @@ def test_min_source_side_never_upsamples() -> None:
         for _ in range(300):
             _, _, cw, ch = sample_crop_box(w, h, t.scale, t.ratio, g)
             assert cw >= 32 and ch >= 32
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading (JPEG draft) and batching
-# ----------------------------------------------------------------------------------------------------
-
-
-def _jpeg(size: tuple[int, int], mode: str = "RGB") -> bytes:
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx % 251, yy % 241, (xx + yy) % 239, (xx * yy) % 233], axis=-1).astype(np.uint8)
-    image = Image.fromarray(base[:, :, :3]).convert(mode) if mode != "CMYK" else Image.fromarray(base, "CMYK")
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def test_load_image_drafts_large_jpeg_only_on_train_path(tmp_path: Path) -> None:
-    data = _jpeg((1200, 900))
-    path = tmp_path / "big.jpg"
-    path.write_bytes(data)
-    full = load_image(path)  # no target: full decode
-    assert full.size == (1200, 900) and full.mode == "RGB"
-    drafted = load_image(data, 224)  # needs a shorter side >= ceil(224 * 1.2172) = 273 -> 1/2 scale
-    assert drafted.size == (600, 450) and drafted.mode == "RGB"
-    assert min(drafted.size) >= math.ceil(224 * 1.2172)
-    assert load_image(io.BytesIO(data), 100).size == (300, 225)  # 1/4: 225 >= 122
-    assert load_image(data, 224, draft=False).size == (1200, 900)
-    assert load_image(data, 500).size == (1200, 900)  # not 2x larger than needed: no draft
-    assert EvalTransform(224).load(path).size == (1200, 900)  # the eval path never drafts
-    train = TrainTransform(224, seed=0)
-    decoded = train.load(data)  # a JPEG: an RGB array from libjpeg-turbo, at a reduced scale
-    assert isinstance(decoded, np.ndarray) and decoded.shape[2] == 3
-    assert train.min_source_side <= min(decoded.shape[:2]) < 900
-    assert min(train.load(path).shape[:2]) == min(decoded.shape[:2])  # paths too
-    cmyk = load_image(_jpeg((800, 800), "CMYK"), 64)
-    assert cmyk.mode == "CMYK" and cmyk.size == (100, 100)  # 1/8: 100 >= 78
-    png = io.BytesIO()
-    Image.new("RGB", (1200, 900)).save(png, format="PNG")
-    assert load_image(png.getvalue(), 64).size == (1200, 900)  # only JPEG can draft
-    # why eval must not draft: decoding at reduced scale is not the same pixels
-    assert not torch.equal(EvalTransform(64)(full), EvalTransform(64)(load_image(data, 64)))
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_train_jpeg_decode_is_pils(mode: str) -> None:
-    """libjpeg-turbo's RGB pixels are PIL's decode + convert("RGB"), bit for bit, and the transform of the
-    array is the transform of the PIL image."""
-    data = _jpeg((90, 70), mode)
-    array = decode_jpeg_rgb(data, 40)  # 70 < 2 * 40: decoded at full scale
-    pil = load_image(data)
-    assert array is not None and np.array_equal(array, np.array(pil.convert("RGB")))
-    t = TrainTransform(24, seed=1)
-    assert torch.equal(t(array, key=3), t(pil, key=3))
-
-
-def test_train_jpeg_decode_leaves_the_rest_to_pil() -> None:
-    png = io.BytesIO()
-    Image.new("RGB", (40, 30)).save(png, format="PNG")
-    assert decode_jpeg_rgb(png.getvalue(), 8) is None
-    assert decode_jpeg_rgb(_jpeg((40, 40), "CMYK"), 8) is None  # Adobe CMYK: PIL's conversion
-    assert decode_jpeg_rgb(_jpeg((40, 40))[:200], 8) is None  # cut off: PIL decides
-    assert isinstance(TrainTransform(8, seed=0).load(_jpeg((40, 40), "CMYK")), Image.Image)
-    with pytest.raises(TypeError, match="RGB uint8"):
-        TrainTransform(8, seed=0)(np.zeros((10, 10), dtype=np.uint8))
-
-
-def test_load_image_errors(tmp_path: Path) -> None:
-    with pytest.raises(UnidentifiedImageError, match="bytes"):
-        load_image(b"not an image")
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"garbage")
-    with pytest.raises(UnidentifiedImageError, match=r"bad\.jpg"):
-        load_image(bad)
-    with pytest.raises(TypeError):
-        load_image(12345)  # type: ignore[arg-type]
-    with pytest.raises(FileNotFoundError):
-        load_image(tmp_path / "missing.png")
-
-
-def test_preprocess_batch_and_pickling() -> None:
-    images = _images(5)
-    transform = EvalTransform(24)
-    batch = preprocess_batch(images, transform)
-    assert batch.shape == (5, 3, 24, 24) and batch.dtype == torch.float32
-    assert torch.equal(batch, torch.stack([transform(im) for im in images]))
-    buf = io.BytesIO()
-    images[0].convert("RGB").save(buf, format="PNG")
-    mixed = preprocess_batch([buf.getvalue(), images[1]], pickle.loads(pickle.dumps(transform)))
-    assert torch.equal(mixed[0], transform(images[0].convert("RGB")))
-    assert torch.equal(mixed[1], batch[1])
-    train = TrainTransform(24, seed=5)
-    assert preprocess_batch(images, train).shape == (5, 3, 24, 24)
-    with pytest.raises(ValueError):
-        preprocess_batch([], transform)
