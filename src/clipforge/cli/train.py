@@ -67,18 +67,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = apply_overrides(load_toml(TrainConfig, args.recipe), args.overrides)
         if args.print_config:
             print(dump_toml(cfg), end="")
-        validate_run(cfg, args.resume)
+            validate_run(cfg, args.resume)
+            return 0
     except (ConfigError, ValueError) as e:
         print(f"clipforge train: {e}")
         return 2
-    if args.print_config:
-        return 0
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume)  # validates everything before it writes anything
     except TrainingStopped as e:
         print(f"clipforge train: {e}")
         return 1
-    except (ConfigError, CheckpointError) as e:  # what changed on disk since validation, e.g. a file removed
+    # A bad config, or weights that turn out not to fit as the run starts: one line, nothing written.
+    except (ConfigError, CheckpointError) as e:
         print(f"clipforge train: {e}")
         return 2
     print(f"done: {result.step} steps, final loss {result.loss:.4f}, {result.samples_per_s:.0f} samples/s")
