@@ -15,8 +15,9 @@ from clipforge.configs import load_toml
 from clipforge.models import create_model
 from clipforge.train.checkpointing import list_checkpoints
 from clipforge.train.config import TrainConfig
-from clipforge.train.loop import Trainer, build_model, train, train_step
+from clipforge.train.loop import Trainer, build_model, train
 from clipforge.train.model import model_config
+from clipforge.train.steps import train_step
 from conftest import tiny_config  # with conftest's `tokenizer_dir`: a 600-id vocabulary
 
 PAPER_LOGIT_SCALE = torch.tensor(math.log(1 / 0.07)).item()  # as a float32 parameter holds it

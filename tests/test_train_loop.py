@@ -162,7 +162,7 @@ def test_parameters_finite_is_exact(values, finite):
     with torch.no_grad():
         model.weight.copy_(torch.tensor([values]))
     optimizer = torch.optim.AdamW(model.parameters())
-    assert loop_module.parameters_finite(optimizer) is finite
+    assert steps_module.parameters_finite(optimizer) is finite
 
 
 @pytest.mark.parametrize(("poisoned_update", "kept"), [(1, []), (3, ["step-00000001", "step-00000002"])])

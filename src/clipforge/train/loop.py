@@ -29,9 +29,6 @@ from clipforge.train.model import build_model, max_log_scale
 from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer
 from clipforge.train.progress import Progress
 from clipforge.train.steps import StepResult, parameters_finite, step_function
-from clipforge.train.steps import autocast_for as autocast_for  # re-exported for callers of the loop
-from clipforge.train.steps import compute_loss as compute_loss
-from clipforge.train.steps import train_step as train_step
 from clipforge.train.validate import validate_run
 
 log = logging.getLogger("clipforge.train")
