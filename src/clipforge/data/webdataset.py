@@ -73,9 +73,9 @@ class ShardSource:
     @functools.cached_property
     def samples_per_epoch(self) -> int | None:
         """Samples in all shards (read from the local tars' headers once); None if a shard is remote."""
-        if not all(_is_local(url) for url in self.urls):
+        if not all(is_local(url) for url in self.urls):
             return None
-        return sum(count_samples(_local_path(url)) for url in self.urls)
+        return sum(count_samples(local_path(url)) for url in self.urls)
 
     def _raw_sample(self, sample: dict[str, Any]) -> RawSample:
         image = next((sample[s] for s in self.image_suffixes if s in sample), None)
@@ -95,11 +95,11 @@ def _shard_files(url: str, handler: Callable[[Exception], bool]) -> Iterator[dic
     A local shard goes through our fast reader (`clipforge.data.tarfiles`), others through webdataset's
     opener (URLs, ``pipe:``); both give the same files in the same order.
     """
-    if not _is_local(url):
+    if not is_local(url):
         yield from tar_file_expander(url_opener([{"url": url}], handler=handler), handler=handler)
         return
     try:
-        for name, data in tar_files(_local_path(url)):
+        for name, data in tar_files(local_path(url)):
             yield {"fname": name, "data": data, "__url__": url}
     except (OSError, tarfile.TarError) as exc:
         handler(exc)
@@ -117,7 +117,7 @@ def expand_shards(spec: str) -> list[str]:
     urls = expand_urls(spec)
     if not urls:
         raise ValueError(f"data.path {spec!r} names no shards")
-    missing = [url for url in urls if _is_local(url) and not os.path.isfile(_local_path(url))]
+    missing = [url for url in urls if is_local(url) and not os.path.isfile(local_path(url))]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise FileNotFoundError(f"data.path: {len(missing)} of {len(urls)} shard(s) not found: {shown}")
@@ -153,9 +153,11 @@ def count_samples(path: str) -> int:
     return len(keys)
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
+    """A shard on this machine's file system (a path or a file: URL), not a remote URL or a pipe: command."""
     return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
+    """The file system path of a local shard URL."""
     return url.removeprefix("file://").removeprefix("file:")

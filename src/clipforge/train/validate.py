@@ -25,7 +25,7 @@ from clipforge.checkpoints.registry import available_pretrained, canonical_name,
 from clipforge.configs import invalid
 from clipforge.data.config import DataConfig
 from clipforge.data.pipeline import build_source
-from clipforge.data.webdataset import _is_local, _local_path, count_samples
+from clipforge.data.webdataset import count_samples, is_local, local_path
 from clipforge.evaluate.datasets import DataSpec, read_labelled
 from clipforge.evaluate.prompts import load_prompts, load_templates
 from clipforge.models import CLIPConfig, available_models, get_config
@@ -203,7 +203,7 @@ def check_shards(field: str, spec: str) -> list[str]:
         raise invalid(field, spec, f"not a shard spec: {e}") from None
     if not urls:
         raise invalid(field, spec, "names no shards")
-    local = [_local_path(url) for url in urls if _is_local(url)]
+    local = [local_path(url) for url in urls if is_local(url)]
     directories = [path for path in local if os.path.isdir(path)]
     if directories:
         raise invalid(field, spec, f"{directories[0]} is a directory, not a .tar shard")
@@ -215,12 +215,12 @@ def check_shards(field: str, spec: str) -> list[str]:
 
 def _count_shard_samples(urls: list[str], enough: int) -> int | None:
     """Samples in the shards, counted shard by shard until `enough` (tar headers only); None if remote."""
-    if not all(_is_local(url) for url in urls):
+    if not all(is_local(url) for url in urls):
         return None
     total = 0
     for url in urls:
         try:
-            total += count_samples(_local_path(url))
+            total += count_samples(local_path(url))
         except (OSError, tarfile.TarError) as e:
             raise invalid("data.path", url, f"unreadable shard: {e}") from None
         if total >= enough:
