@@ -68,6 +68,9 @@ class LossConfig:
     # metrics). None: the loss's own (contrastive 100, sigmoid no clamp).
     max_logit_scale: float | None = None
     init_bias: float = -10.0  # sigmoid only: the logit bias at the start (SigLIP's -10)
+    # Contrastive only: score this many columns of the global batch at a time (a running log-sum-exp), so
+    # no (local batch x global batch) logits matrix exists; 0 = all columns at once. Same loss and gradient.
+    chunk_size: int = 0
 
     def __post_init__(self) -> None:
         t, scale = self.init_temperature, self.max_logit_scale
@@ -77,6 +80,7 @@ class LossConfig:
             scale is None or scale >= 1, "loss.max_logit_scale", scale, "must be at least 1 (inf: no clamp)"
         )
         require(math.isfinite(self.init_bias), "loss.init_bias", self.init_bias, "must be finite")
+        require(self.chunk_size >= 0, "loss.chunk_size", self.chunk_size, "must be >= 0 (0: unchunked)")
 
 
 @dataclass
@@ -152,6 +156,9 @@ class RunConfig:
     keep_checkpoints: int = 2  # keep the newest K checkpoints; 0 keeps them all
     max_bad_steps: int = 5  # stop after this many skipped (non-finite) updates in a row
     progress: bool = True  # show a progress bar
+    # Under torchrun (several processes): "ddp" keeps a whole model per process and averages gradients;
+    # "fsdp" shards parameters, gradients and optimizer state over the processes (FSDP2, per residual block).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         require(bool(self.out_dir.strip()), "run.out_dir", self.out_dir, "names no directory")
@@ -165,6 +172,7 @@ class RunConfig:
         keep = self.keep_checkpoints
         require(keep >= 0, "run.keep_checkpoints", keep, "must be >= 0 (0: keep them all)")
         require(self.max_bad_steps >= 1, "run.max_bad_steps", self.max_bad_steps, "must be at least 1")
+        require(self.strategy in ("ddp", "fsdp"), "run.strategy", self.strategy, "must be 'ddp' or 'fsdp'")
 
 
 @dataclass

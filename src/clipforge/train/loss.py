@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clipforge.train.distributed import gather_with_grad
+from clipforge.distributed.world import gather_with_grad
 
 # The paper clips the learned temperature so that logits are scaled by at most 100.
 MAX_LOGIT_SCALE = math.log(100)

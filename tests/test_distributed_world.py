@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clipforge.train.distributed import World, gather_with_grad, init_process_group
+from clipforge.distributed.world import World, gather_with_grad, init_process_group
 from clipforge.train.loss import sharded_contrastive_loss, sharded_sigmoid_loss
 
 # ---- World from the environment ----
