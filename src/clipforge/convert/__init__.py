@@ -1,0 +1,1 @@
+"""Weights to and from other ecosystems: one module per foreign format."""
