@@ -1,0 +1,1 @@
+"""Tools built on CLIP: embed a collection, index it, search it, serve it."""
