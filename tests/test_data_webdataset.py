@@ -26,8 +26,8 @@ def test_equal_keys_in_two_shards_are_two_samples(tmp_path, opener):
     ]
     spec = "::".join(str(p) if opener == "local" else f"pipe:cat {p}" for p in paths)
     errors: Counter[str] = Counter()
-    source = ShardSource(spec, ("jpg",), "txt", shuffle_buffer=0, seed=0, workers=1)
-    samples = list(source.epoch_samples(0, role=0, workers=1, errors=errors))
+    source = ShardSource(spec, ("jpg",), "txt", shuffle_buffer=0, seed=0)
+    samples = list(source.epoch_samples(0, stream=0, streams=1, errors=errors))
     assert not errors
     assert sorted((s.caption, s.key) for s in samples) == sorted(
         (f"{s}/{k}".encode(), f"s{s}.tar/{k:06d}") for s in range(2) for k in range(3)

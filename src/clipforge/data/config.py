@@ -23,7 +23,9 @@ _TAB_ALIASES = ("\t", "\\t", "tab", "TAB")
 class DataConfig:
     source: str = "synthetic"  # one of SOURCES
     path: str = ""  # webdataset: shard spec with braces ("d/train-{000..008}.tar"); csv: a .csv/.tsv; folder
-    batch_size: int = 128  # samples per batch (a batch loses the samples that were skipped)
+    # Samples per batch, the GLOBAL batch: with N processes each one gets batch_size / N of every batch
+    # (a batch loses the samples that were skipped).
+    batch_size: int = 128
     # Gradient cache: encode a batch this many samples at a time, for the same update at a fraction of the
     # activation memory (train/steps.py); 0 = the whole batch at once. A divisor of batch_size.
     micro_batch_size: int = 0
@@ -34,6 +36,13 @@ class DataConfig:
     augment: bool = True  # random resized crop for real images; False = OpenAI's eval resize + center crop
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: range of the kept area fraction
     shuffle_buffer: int = 2000  # webdataset: samples shuffled across in a buffer; 0 = shard order only
+    # webdataset: the independent shard streams whose chunks make every batch (data/streams.py). Fix it
+    # (e.g. 8) to get the same batches on any number of processes; 0 = world size x max(1, workers), one
+    # stream per worker: the batches then depend on both.
+    shard_streams: int = 0
+    # webdataset: each stream draws shards with replacement, forever (no epochs), for corpora larger than
+    # the run will ever pass over.
+    resampled: bool = False
     image_extensions: str = "jpg,jpeg,png,webp"  # webdataset keys / folder file suffixes that hold images
     caption_extension: str = "txt"  # webdataset key / folder file suffix that holds the caption
     # A caption text of several lines: "all" trains on the whole text, "sample" on one line per sample and
@@ -49,9 +58,9 @@ class DataConfig:
     # limit (Pillow still refuses over 179 MP). Training-time evaluation uses the same limit.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # 64 MP; see transforms/loading.py
 
-    def validate(self) -> DataConfig:
+    def validate(self, world_size: int = 1) -> DataConfig:
         """Raise ValueError (a `ConfigError`: `data.field = value: problem`) naming the first field whose
-        value cannot work; return self."""
+        value cannot work, on ``world_size`` processes; return self."""
         require(self.source in SOURCES, "data.source", self.source, f"must be one of {', '.join(SOURCES)}")
         require(
             self.source == "synthetic" or bool(self.path),
@@ -71,6 +80,7 @@ class DataConfig:
         _check_min("prefetch", self.prefetch, 1)
         _check_min("context_length", self.context_length, 2)
         _check_min("shuffle_buffer", self.shuffle_buffer, 0)
+        _check_min("shard_streams", self.shard_streams, 0)
         _check_min("max_image_pixels", self.max_image_pixels, 0)
         lo, hi = (float(v) for v in self.crop_scale)
         require(
@@ -93,7 +103,49 @@ class DataConfig:
                 n,
                 f"fewer than data.batch_size = {self.batch_size}",
             )
+        self._check_world(world_size)
         return self
+
+    def streams(self, world_size: int = 1) -> int:
+        """The number of shard streams: ``shard_streams``, or one per worker of every process when 0."""
+        return self.shard_streams or world_size * max(1, self.workers)
+
+    def _check_world(self, world_size: int) -> None:
+        """The batch splits evenly over the processes, and each process's workers get whole streams."""
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world size must be an int >= 1, got {world_size!r}")
+        require(
+            self.batch_size % world_size == 0,
+            "data.batch_size",
+            self.batch_size,
+            f"not divisible by the world size {world_size}: it is the global batch, split evenly over "
+            "the processes",
+        )
+        if self.source != "webdataset":
+            return
+        streams, workers = self.streams(world_size), max(1, self.workers)
+        what = f"{streams} streams" + ("" if self.shard_streams else " (0 = one per worker of every process)")
+        require(
+            streams % world_size == 0,
+            "data.shard_streams",
+            self.shard_streams,
+            f"{what}, not a multiple of the world size {world_size}: each process reads whole streams",
+        )
+        require(
+            streams // world_size >= workers,
+            "data.shard_streams",
+            self.shard_streams,
+            f"{what}, {streams // world_size} per process on {world_size} process(es), fewer than "
+            f"data.workers = {self.workers}: each worker reads whole streams (use a multiple of "
+            f"{world_size * workers})",
+        )
+        require(
+            streams <= self.batch_size,
+            "data.shard_streams",
+            self.shard_streams,
+            f"{what}, more than data.batch_size = {self.batch_size}: each stream gives every batch at "
+            "least one sample",
+        )
 
     def image_suffixes(self) -> tuple[str, ...]:
         """``image_extensions`` as lower-case suffixes without dots: ("jpg", "jpeg", ...)."""

@@ -1,24 +1,25 @@
 """From a source to training batches: decode -> transform -> tokenize -> collate, deterministically.
 
-The stream of batches is a pure function of (data, config, seed), so a run resumed at batch ``k`` sees
-exactly the batches the first run would have seen from ``k`` on:
+``data.batch_size`` is the *global* batch. The stream of global batches is a pure function of (data,
+config, seed), and process ``r`` of ``W`` gets positions ``[r*B/W, (r+1)*B/W)`` of each: the processes'
+batches joined are the one-process batch, and a run resumed at batch ``k``, on as many processes or on
+another number, sees exactly the batches the first run would have seen from ``k`` on:
 
 * map-style sources (synthetic, csv, folder) -- batch ``g`` is computed directly: epoch ``g // P``
   (``P = len(source) // batch_size``; the last partial batch of an epoch is dropped), samples
-  ``perm[s*B:(s+1)*B]`` of that epoch's permutation (seeded by (seed, epoch)). Any worker can make any
-  batch, so the stream does not even depend on the number of workers.
-* streamed sources (webdataset) -- worker ``r`` of ``W`` makes batches ``r, r+W, r+2W, ...`` from its
-  own shard stream (see `clipforge.data.webdataset`), cut into batches of B samples per epoch (the
-  partial one dropped). Resuming skips the batches' raw samples without decoding them. The stream
-  depends on W (``workers=0`` and ``1`` are the same), so resume with the same workers and shards.
-
-The DataLoader asks its workers for batches in turn (0, 1, ..., W-1, 0, ...); starting at batch ``k``,
-worker ``w`` is given the batches ``k + w + nW``, so the loader's round robin yields ``k, k+1, ...``.
+  ``perm[s*B:(s+1)*B]`` of that epoch's permutation (seeded by (seed, epoch)); a process takes its slice
+  of them. Any worker can make any batch: starting at batch ``k``, worker ``w`` of ``K`` makes batches
+  ``k + w + nK`` and the DataLoader, which asks its workers in turn, yields ``k, k+1, ...``.
+* streamed sources (webdataset) -- batch ``g`` is chunk ``g`` of each of ``data.shard_streams`` shard
+  streams (`clipforge.data.streams`). A process reads only its own streams, each worker some of them;
+  every worker makes its part of every batch, and the process joins the parts of batch ``g`` in stream
+  order. Resuming reads the skipped chunks' raw samples without decoding them. The stream of batches
+  does not depend on the number of processes or workers once ``data.shard_streams`` is fixed.
 
 A bad sample is dropped from its batch (which is then smaller than B) and counted in ``Batch.skipped``
 by reason: counts travel with the batches, so they reach the training process from any worker.
-Random augmentation is keyed by (seed, epoch, sample), never by which worker or when, and nothing here
-draws from the global random states (torch's, numpy's, Python's): those belong to the training loop.
+Random augmentation is keyed by (seed, epoch, sample), never by which process, worker or when, and nothing
+here draws from the global random states (torch's, numpy's, Python's): those belong to the training loop.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from clipforge.data.samples import (
     image_skip,
     read_caption,
 )
+from clipforge.data.streams import split, stream_chunks, worker_streams
 from clipforge.data.synthetic import SyntheticSource
 from clipforge.data.table import TableSource
 from clipforge.data.webdataset import ShardSource
@@ -73,8 +75,10 @@ class Batch:
     images: torch.Tensor  # [n, 3, H, W] float, normalised; n <= batch_size (skipped samples are dropped)
     tokens: torch.Tensor  # [n, context_length] int64, row i is the caption of image i
     skipped: dict[str, int]  # samples dropped from this batch, per reason in SKIP_REASONS (zeros included)
-    index: int  # position in the stream: batches(k) yields indices k, k+1, ...
-    epoch: int  # the epoch the samples come from (streamed sources: the making worker's epoch)
+    index: int  # the global batch: batches(k) yields indices k, k+1, ... on every process
+    # The epoch the samples come from (streamed sources: the earliest of its streams' epochs, each stream
+    # having its own; resampled: 0).
+    epoch: int
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -86,6 +90,16 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         images = self.images.to(device, non_blocking=non_blocking)
         return replace(self, images=images, tokens=self.tokens.to(device, non_blocking=non_blocking))
+
+    @staticmethod
+    def join(parts: Sequence[Batch]) -> Batch:
+        """Parts of one batch (the same index), made from consecutive streams, as one batch."""
+        if len(parts) == 1:
+            return parts[0]
+        skipped = {reason: sum(part.skipped[reason] for part in parts) for reason in SKIP_REASONS}
+        images = torch.cat([part.images for part in parts])
+        tokens = torch.cat([part.tokens for part in parts])
+        return Batch(images, tokens, skipped, parts[0].index, min(part.epoch for part in parts))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,63 +203,53 @@ class EpochOrder:
 class BatchStream(IterableDataset):
     """The endless batch stream from ``start_batch`` on, as one DataLoader worker's share of it."""
 
-    def __init__(
-        self, source: Source, make: BatchMaker, batch_size: int, seed: int, start_batch: int
-    ) -> None:
+    def __init__(self, data: TrainData, start_batch: int) -> None:
         super().__init__()
-        self.source = source
-        self.make = make
-        self.batch_size = batch_size
-        self.seed = seed
+        self.source = data.source
+        self.make = data.make
+        self.batch_size = data.cfg.batch_size
+        self.seed = data.seed
         self.start_batch = start_batch
+        self.rank, self.world_size, self.streams = data.rank, data.world_size, data.streams
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        first = self.start_batch + worker  # this worker's first batch; then every workers-th
+        return self.worker_batches(worker, workers)
+
+    def worker_batches(self, worker: int, workers: int) -> Iterator[Batch]:
+        """What worker ``worker`` of ``workers`` yields. Streamed: its part of every batch from
+        ``start_batch`` on; map-style: this process's share of batches ``start_batch + worker + n * workers``.
+        """
         if isinstance(self.source, ShardSource):
-            return self._streamed(first % workers, first // workers, workers)
-        return self._mapped(first, workers)
+            return self._streamed(worker_streams(self.rank, self.world_size, self.streams, worker, workers))
+        return self._mapped(self.start_batch + worker, workers)
 
     def _mapped(self, first: int, step: int) -> Iterator[Batch]:
         order = EpochOrder(len(self.source), self.batch_size, self.seed)
+        mine = split(self.rank, self.world_size, self.batch_size)  # this process's batch positions
         for g in itertools.count(first, step):
             epoch, indices = order.batch(g)
             samples = []
-            for index in indices:
+            for index in indices[mine.start : mine.stop]:
                 raw = self.source[index]
                 samples.append((raw, derive_seed(epoch, raw.key)))
             yield self.make(samples, g, epoch, Counter())
 
-    def _streamed(self, role: int, local: int, workers: int) -> Iterator[Batch]:
-        errors: Counter[str] = Counter()  # tar-level failures since the last batch
-        chunks = self._chunks(role, workers, errors)
-        for _ in range(local):  # resume: the skipped batches are read, never decoded
-            next(chunks)
-        errors.clear()  # failures met while skipping were reported by the first run
-        for j, (epoch, raws) in enumerate(chunks, start=local):
-            samples = [(raw, derive_seed(epoch, raw.key)) for raw in raws]
-            batch = self.make(samples, j * workers + role, epoch, errors)
-            errors.clear()
-            yield batch
-
-    def _chunks(self, role: int, workers: int, errors: Counter[str]) -> Iterator[tuple[int, list[RawSample]]]:
-        """Worker ``role``'s raw samples in batch-size groups, epoch after epoch (partial groups dropped)."""
+    def _streamed(self, streams: range) -> Iterator[Batch]:
         assert isinstance(self.source, ShardSource)
-        for epoch in itertools.count():
-            chunk: list[RawSample] = []
-            seen = 0
-            for raw in self.source.epoch_samples(epoch, role, workers, errors):
-                seen += 1
-                chunk.append(raw)
-                if len(chunk) == self.batch_size:
-                    yield epoch, chunk
-                    chunk = []
-            if seen < self.batch_size:  # else this loop would spin forever without yielding
-                raise RuntimeError(
-                    f"worker {role} of {workers} found {seen} samples in its shards of epoch {epoch}, "
-                    f"fewer than data.batch_size={self.batch_size}: use fewer workers or a smaller batch"
-                )
+        readers = []
+        for stream in streams:
+            size = len(split(stream, self.streams, self.batch_size))  # its positions in every batch
+            chunks = stream_chunks(self.source, stream, self.streams, size)
+            for _ in range(self.start_batch):  # resume: the skipped chunks are read, never decoded
+                next(chunks)
+            readers.append(chunks)
+        for g in itertools.count(self.start_batch):
+            parts = [next(chunks) for chunks in readers]
+            samples = [(raw, derive_seed(tag, raw.key)) for part in parts for raw, tag in part.samples]
+            errors = sum((part.errors for part in parts), Counter())
+            yield self.make(samples, g, min(part.epoch for part in parts), errors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,12 +259,20 @@ class BatchStream(IterableDataset):
 
 @dataclass
 class TrainData:
-    """The training data of one run: `batches` gives its deterministic, endless batch stream."""
+    """The training data of one run, as process ``rank`` of ``world_size`` sees it: `batches` gives its
+    share of the run's deterministic, endless stream of global batches."""
 
     cfg: DataConfig
     source: Source
     make: BatchMaker
     seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def streams(self) -> int:
+        """Streamed sources: the number of shard streams making each batch (all processes together)."""
+        return self.cfg.streams(self.world_size)
 
     @property
     def samples_per_epoch(self) -> int | None:
@@ -271,61 +283,77 @@ class TrainData:
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Map-style sources: batches in an epoch; streamed ones: None (it varies by worker and epoch)."""
+        """Map-style sources: global batches in an epoch; streamed ones: None (each stream has its own)."""
         if isinstance(self.source, ShardSource):
             return None
         return len(self.source) // self.cfg.batch_size
 
     def batches(self, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches ``start_batch``, ``start_batch + 1``, ... forever; the same ones on every call.
+        """This process's share of global batches ``start_batch``, ``start_batch + 1``, ... forever; the
+        same ones on every call.
 
         The loader (and its workers) start now, not at the first ``next``, and draw nothing from the
         global random states: a training loop can set those after this call, and they stay its own.
         """
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        stream = BatchStream(self.source, self.make, self.cfg.batch_size, self.seed, start_batch)
+        stream = BatchStream(self, start_batch)
         workers = self.cfg.workers
+        # Streamed sources: every worker makes its part of every batch, joined here; pinning the parts
+        # would be lost in the join, so the joined batch is pinned instead.
+        parts = max(1, workers) if isinstance(self.source, ShardSource) else 1
+        pin = self.cfg.pin_memory and torch.cuda.is_available()
         loader = DataLoader(
             stream,
             batch_size=None,  # the stream yields whole batches
             num_workers=workers,
             prefetch_factor=self.cfg.prefetch if workers else None,
-            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            pin_memory=pin and parts == 1,
             # The workers' base seed comes from here, not from torch's global generator (which a
             # training step's patch dropout draws from). Batches are keyed by (seed, epoch, sample),
             # so the workers' own seeds change nothing in them.
             generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
         )
-        return _in_order(iter(loader), start_batch)
+        return _in_order(iter(loader), start_batch, parts, pin and parts > 1)
 
 
-def _in_order(batches: Iterator[Batch], start_batch: int) -> Iterator[Batch]:
-    for expected, batch in enumerate(batches, start=start_batch):
-        if batch.index != expected:  # would mean the loader stopped taking workers in turn
-            raise RuntimeError(f"data stream out of order: got batch {batch.index}, expected {expected}")
-        yield batch
+def _in_order(batches: Iterator[Batch], start_batch: int, parts: int, pin: bool) -> Iterator[Batch]:
+    """Batches ``start_batch, ...``, each joined from the next ``parts`` items (the workers' parts, which
+    the loader yields in turn)."""
+    for expected in itertools.count(start_batch):
+        group = [next(batches) for _ in range(parts)]
+        if any(part.index != expected for part in group):  # the loader stopped taking workers in turn
+            got = [part.index for part in group]
+            raise RuntimeError(f"data stream out of order: got batch parts {got}, expected {expected}")
+        batch = Batch.join(group)
+        yield batch.pin_memory() if pin else batch
 
 
-def build_train_loader(cfg: DataConfig, tokenizer: Tokenizer, image_size: int, seed: int) -> TrainData:
-    """Check ``cfg`` and its files now (errors name what is missing), and return the run's `TrainData`.
+def build_train_loader(
+    cfg: DataConfig, tokenizer: Tokenizer, image_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> TrainData:
+    """Check ``cfg`` and its files now (errors name what is missing), and return process ``rank`` of
+    ``world_size``'s `TrainData`.
 
     ``seed`` orders the samples and drives augmentation; the data itself (incl. which synthetic picture
-    is which) does not depend on it.
+    is which) does not depend on it. Neither do the global batches depend on ``world_size``
+    (webdataset: once ``data.shard_streams`` is set).
     """
-    cfg.validate()
-    source = build_source(cfg, image_size, seed)
+    cfg.validate(world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    source = build_source(cfg, image_size, seed, world_size)
     if not isinstance(source, ShardSource) and len(source) < cfg.batch_size:
         raise ValueError(f"{source!r} has {len(source)} samples, fewer than data.batch_size={cfg.batch_size}")
     transform = _transform(cfg, image_size, seed)
     make = BatchMaker(
         transform, tokenizer, image_size, cfg.context_length, cfg.captions, cfg.max_image_pixels
     )
-    return TrainData(cfg, source, make, seed)
+    return TrainData(cfg, source, make, seed, rank, world_size)
 
 
-def build_source(cfg: DataConfig, image_size: int, seed: int) -> Source:
-    """The source ``cfg.source`` names, its files checked."""
+def build_source(cfg: DataConfig, image_size: int, seed: int, world_size: int = 1) -> Source:
+    """The source ``cfg.source`` names, its files checked (webdataset: enough shards for its streams)."""
     if cfg.source == "synthetic":
         return SyntheticSource(image_size, cfg.synthetic_samples, cfg.synthetic_seed, cfg.synthetic_holdout)
     if cfg.source == "csv":
@@ -333,9 +361,18 @@ def build_source(cfg: DataConfig, image_size: int, seed: int) -> Source:
     if cfg.source == "folder":
         return FolderSource(cfg.path, cfg.image_suffixes(), cfg.caption_extension)
     if cfg.source == "webdataset":
-        return ShardSource(
-            cfg.path, cfg.image_suffixes(), cfg.caption_extension, cfg.shuffle_buffer, seed, cfg.workers
+        source = ShardSource(
+            cfg.path, cfg.image_suffixes(), cfg.caption_extension, cfg.shuffle_buffer, seed, cfg.resampled
         )
+        streams = cfg.streams(world_size)
+        if len(source.urls) < streams and not cfg.resampled:  # a resampled stream may draw any shard
+            how = "data.shard_streams" if cfg.shard_streams else f"world size {world_size} x data.workers"
+            raise ValueError(
+                f"data.path names {len(source.urls)} shard(s), fewer than its {streams} shard streams "
+                f"({how}={cfg.shard_streams or cfg.workers}): each stream reads whole shards, so use "
+                "fewer streams (or workers) or more shards"
+            )
+        return source
     raise ValueError(f"unknown data.source {cfg.source!r}")
 
 

@@ -4,15 +4,18 @@ A sample is the files of a shard that share a key: ``000123.jpg`` (or png / webp
 (+ an optional ``000123.json``, ignored). Shards are named by a brace pattern
 (``data/train-{000..008}.tar``), several patterns joined by ``::``, or URLs the library can open.
 
-Order, for exact resumption: in epoch ``e`` the shard list is shuffled by (seed, e); worker ``r`` of
-``W`` reads every W-th shard of that order (shards ``r, r+W, ...``), and its samples pass through a
-shuffle buffer seeded by (seed, e, r). Everything a worker yields is thus a function of (seed, shards,
-W, r), never of timing; `pipeline` cuts that stream into batches and can skip batches without decoding.
+The source reads *streams* of samples (`clipforge.data.streams` cuts them into batches). In epoch ``e``
+the shard list is shuffled by (seed, e); stream ``s`` of ``S`` reads every S-th shard of that order
+(shards ``s, s+S, ...``), and its samples pass through a shuffle buffer seeded by (seed, e, s). Resampled,
+stream ``s`` instead draws shard after shard with replacement, draw ``n`` chosen by (seed, s, n), through
+one buffer seeded by (seed, s). Either way a stream is a function of (seed, shards, S, s), never of
+timing or of which process reads it.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import random
@@ -32,7 +35,7 @@ T = TypeVar("T")
 
 
 class ShardSource:
-    """Streamed source: `epoch_samples` yields one worker's samples of one epoch, in shuffled order."""
+    """Streamed source: `epoch_samples` / `resampled_samples` yield one stream's samples, shuffled."""
 
     def __init__(
         self,
@@ -41,34 +44,60 @@ class ShardSource:
         caption_suffix: str,
         shuffle_buffer: int,
         seed: int,
-        workers: int,
+        resampled: bool = False,
     ) -> None:
         self.urls = expand_shards(spec)
-        if len(self.urls) < workers:
-            raise ValueError(
-                f"data.path names {len(self.urls)} shard(s) but data.workers={workers}: each worker reads "
-                "whole shards, so use at most as many workers as shards"
-            )
         self.image_suffixes = image_suffixes
         self.caption_suffix = caption_suffix.strip().lstrip(".").lower()
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.resampled = resampled  # streams draw shards with replacement, without epochs
 
-    def epoch_samples(self, epoch: int, role: int, workers: int, errors: Counter[str]) -> Iterator[RawSample]:
-        """Worker ``role`` of ``workers``: its shards of epoch ``epoch``, samples shuffled in a buffer.
+    def epoch_samples(
+        self, epoch: int, stream: int, streams: int, errors: Counter[str]
+    ) -> Iterator[RawSample]:
+        """Stream ``stream`` of ``streams`` in epoch ``epoch``: its shards' samples, shuffled in a buffer.
 
         Tar-level failures (a shard that will not open, a tar that breaks mid-way) are added to ``errors``
-        and the stream moves on; the pipeline reports them in the next batch's ``skipped``.
+        and the stream moves on; the pipeline reports them in a batch's ``skipped``.
         """
         order = list(self.urls)
         random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
-        mine = order[role::workers]
+        raw = self._read(order[stream::streams], errors)
+        rng = random.Random(derive_seed(self.seed, "samples", epoch, stream))
+        return shuffle_buffer(raw, self.shuffle_buffer, rng)
+
+    def resampled_shard(self, stream: int, draw: int) -> str:
+        """The shard of a resampled stream's draw ``draw``: uniform over the shards, with replacement."""
+        return self.urls[derive_seed(self.seed, "resample", stream, draw) % len(self.urls)]
+
+    def resampled_samples(self, stream: int, errors: Counter[str]) -> Iterator[tuple[RawSample, str]]:
+        """A resampled stream, endless: (sample, draw tag) pairs, the tag naming the stream and draw.
+
+        The tag goes into the sample's augmentation key, so a sample drawn twice gets two crops.
+        Raises RuntimeError when ``len(urls) * 100`` draws in a row yield no sample (no usable shard).
+        """
+
+        def draws() -> Iterator[tuple[RawSample, str]]:
+            empty = 0  # draws in a row that gave nothing
+            for draw in itertools.count():
+                tag = f"s{stream}d{draw}"  # a str: never equal to an epoch number's key
+                found = False
+                for raw in self._read([self.resampled_shard(stream, draw)], errors):
+                    found = True
+                    yield raw, tag
+                empty = 0 if found else empty + 1
+                if empty > 100 * len(self.urls):  # else a stream of empty shards spins forever
+                    raise RuntimeError(f"resampled stream {stream}: {empty} draws in a row gave no sample")
+
+        rng = random.Random(derive_seed(self.seed, "resampled samples", stream))
+        return shuffle_buffer(draws(), self.shuffle_buffer, rng)
+
+    def _read(self, urls: list[str], errors: Counter[str]) -> Iterator[RawSample]:
         handler = functools.partial(_count_error, errors)
         # Grouped shard by shard, so a sample never spans two shards whatever the library's version.
-        samples = (s for url in mine for s in group_by_keys(_shard_files(url, handler), handler=handler))
-        raw = (self._raw_sample(sample) for sample in samples)
-        rng = random.Random(derive_seed(self.seed, "samples", epoch, role))
-        return shuffle_buffer(raw, self.shuffle_buffer, rng)
+        samples = (s for url in urls for s in group_by_keys(_shard_files(url, handler), handler=handler))
+        return (self._raw_sample(sample) for sample in samples)
 
     @functools.cached_property
     def samples_per_epoch(self) -> int | None:
