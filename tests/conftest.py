@@ -106,13 +106,14 @@ def rounding_tolerance(reference: torch.Tensor, depth: int, terms: int) -> float
 # ----------------------------------------------------------------------------------------------------
 
 
-def randomized_model(name: str) -> torch.nn.Module:
-    """A seeded model in eval mode whose BatchNorms are not the identity: a fresh ResNet's last BatchNorm of
-    each block is zero, which zeroes every residual branch and would hide errors in the convolutions."""
-    from clipforge.models import create_model, get_config
+def randomized_model(name: str | CLIPConfig) -> torch.nn.Module:
+    """A seeded model (a registered name or a config) in eval mode whose BatchNorms are not the identity: a
+    fresh ResNet's last BatchNorm of each block is zero, which zeroes every residual branch and would hide
+    errors in the convolutions."""
+    from clipforge.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(get_config(name)).eval()
+    model = create_model(name).eval()
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
