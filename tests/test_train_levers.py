@@ -71,7 +71,7 @@ def test_sigmoid_run_starts_at_siglips_values_learns_and_checkpoints_the_bias(tm
     trainer = Trainer(cfg)
     assert trainer.model.logit_scale.item() == pytest.approx(math.log(10))  # t = 10
     assert trainer.model.logit_bias.item() == -10.0
-    assert trainer.max_log_scale == math.inf  # SigLIP does not clamp
+    assert trainer.parts.max_log_scale == math.inf  # SigLIP does not clamp
     trainer.run()
     curve = losses(tmp_path / "run")
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
@@ -112,7 +112,7 @@ def test_logit_scale_is_clamped_as_configured(tmp_path, tokenizer_dir, loss, max
         model.logit_scale.fill_(math.log(200))  # above the contrastive clamp
     images, tokens = torch.randn(4, 3, 32, 32), torch.randint(1, 599, (4, 16))
     tokens[:, -1] = 599
-    train_step(model, trainer.optimizer, images, tokens, 1e-6, "fp32", 0.0, loss, trainer.max_log_scale)
+    train_step(trainer.parts, images, tokens, 1e-6)
     assert model.logit_scale.exp().item() == pytest.approx(expected, rel=1e-4)
 
 

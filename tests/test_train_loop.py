@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipforge.train import loop as loop_module
+from clipforge.train import loss as loss_module
 from clipforge.train import steps as steps_module
 from clipforge.train.checkpointing import list_checkpoints
 from clipforge.train.loop import TrainingStopped, train
@@ -104,14 +105,14 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, tokenizer_dir, monkeypatch, caplog):
-    real_loss, calls = steps_module.contrastive_loss, {"n": 0}
+    real_loss, calls = loss_module.contrastive_loss, {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 7 else loss
 
-    monkeypatch.setattr(steps_module, "contrastive_loss", sometimes_nan)
+    monkeypatch.setattr(loss_module, "contrastive_loss", sometimes_nan)
     cfg = tiny_config(
         tmp_path / "run", tokenizer_dir, "--run.max_bad_steps", "3", "--run.checkpoint_every", "2"
     )

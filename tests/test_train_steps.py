@@ -23,10 +23,12 @@ from clipforge.cli import main
 from clipforge.configs import ConfigError, dump_toml
 from clipforge.data.config import DataConfig
 from clipforge.models import create_model
+from clipforge.train import loss as loss_module
 from clipforge.train import steps as steps_module
 from clipforge.train.checkpointing import list_checkpoints
 from clipforge.train.loop import build_model, build_optimizer, train
-from clipforge.train.steps import gradient_cache_step, train_step
+from clipforge.train.loss import BatchLoss
+from clipforge.train.steps import StepParts, gradient_cache_step, train_step
 from conftest import rounding_budget, rounding_rtol, tiny_config
 
 BATCH, CONTEXT, VOCAB = 16, 16, 600
@@ -48,6 +50,10 @@ def two_copies(tmp_path, tokenizer_dir, *extra: str):
     model = build_model(cfg, VOCAB)
     twin = copy.deepcopy(model)
     return cfg, [(m, build_optimizer(cfg, m)) for m in (model, twin)]
+
+
+def parts(model, optimizer, grad_clip: float = 0.0, loss: str = "contrastive") -> StepParts:
+    return StepParts.single(model, optimizer, "fp32", loss=BatchLoss(loss), grad_clip=grad_clip)
 
 
 def record_gradients(model, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -79,8 +85,8 @@ def run_both(pairs, micro: int, *args):
     (plain, plain_opt), (cached, cached_opt) = pairs
     plain_grads = record_gradients(plain, plain_opt)
     cached_grads = record_gradients(cached, cached_opt)
-    a = train_step(plain, plain_opt, images, tokens, LR, "fp32", *args)
-    b = gradient_cache_step(cached, cached_opt, images, tokens, micro, LR, "fp32", *args)
+    a = train_step(parts(plain, plain_opt, *args), images, tokens, LR)
+    b = gradient_cache_step(parts(cached, cached_opt, *args), images, tokens, LR, micro)
     return a, b, plain_grads, cached_grads
 
 
@@ -129,7 +135,7 @@ def test_both_passes_see_the_same_patches(tmp_path, tokenizer_dir):
     micro = BATCH // 4
     grads = record_gradients(model, optimizer)
     torch.manual_seed(7)
-    gradient_cache_step(model, optimizer, images, tokens, micro, LR, "fp32", 0.0)
+    gradient_cache_step(parts(model, optimizer), images, tokens, LR, micro)
     after_cache = torch.get_rng_state()
 
     torch.manual_seed(7)
@@ -137,7 +143,7 @@ def test_both_passes_see_the_same_patches(tmp_path, tokenizer_dir):
     features = [steps_module.encode(reference, i, t, "fp32") for i, t in pieces]
     image_features = torch.cat([i for i, _ in features])
     text_features = torch.cat([t for _, t in features])
-    steps_module.compute_loss(reference, image_features, text_features, "contrastive").backward()
+    loss_module.contrastive_loss(image_features, text_features, reference.logit_scale).backward()
     assert torch.equal(torch.get_rng_state(), after_cache)
     rtol = tolerance(model)
     for name, p in reference.named_parameters():
@@ -147,8 +153,8 @@ def test_both_passes_see_the_same_patches(tmp_path, tokenizer_dir):
 def test_a_non_finite_loss_skips_the_update_as_the_plain_step_does(tmp_path, tokenizer_dir, monkeypatch):
     _, pairs = two_copies(tmp_path, tokenizer_dir)
     before = [p.detach().clone() for p in pairs[0][0].parameters()]
-    real = steps_module.contrastive_loss
-    monkeypatch.setattr(steps_module, "contrastive_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = loss_module.contrastive_loss
+    monkeypatch.setattr(loss_module, "contrastive_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     a, b, _, _ = run_both(pairs, BATCH // 4, 0.0, "contrastive")
     assert a.non_finite == b.non_finite == "loss"
     assert math.isnan(b.loss) and math.isnan(b.grad_norm)
@@ -163,7 +169,7 @@ def test_a_training_batchnorm_is_refused():
     optimizer = torch.optim.AdamW(model.parameters())
     images, tokens = torch.randn(4, 3, 64, 64), torch.randint(1, 100, (4, 8))
     with pytest.raises(ValueError, match="BatchNorm in training mode"):
-        gradient_cache_step(model, optimizer, images, tokens, 2, LR, "fp32", 0.0)
+        gradient_cache_step(parts(model, optimizer), images, tokens, LR, 2)
 
 
 def test_a_locked_resnet_tower_is_exact():
@@ -180,8 +186,8 @@ def test_a_locked_resnet_tower_is_exact():
         (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR)) for m in (model, twin)
     ]
     plain_grads, cached_grads = (record_gradients(m, o) for m, o in pairs)
-    a = train_step(*pairs[0], images, tokens, LR, "fp32", 0.0)
-    b = gradient_cache_step(*pairs[1], images, tokens, 2, LR, "fp32", 0.0)
+    a = train_step(parts(*pairs[0]), images, tokens, LR)
+    b = gradient_cache_step(parts(*pairs[1]), images, tokens, LR, 2)
     rtol = tolerance(model)
     assert b.loss == pytest.approx(a.loss, rel=rtol)
     assert plain_grads and plain_grads.keys() == cached_grads.keys()

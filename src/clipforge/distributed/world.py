@@ -72,6 +72,10 @@ def init_process_group(world: World, device: torch.device) -> None:
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0; the backward sends each process the gradient of its own rows, summed over all.
 
+    Processes may hold different numbers of rows (a batch loses its undecodable samples): the counts are
+    gathered first, every process pads its rows to the largest count for the collective, and the padding
+    is cut out again.
+
     Why a sum and no 1/W: process r's loss L_r is normalized so that the global loss is L = (1/W) sum_r L_r
     (see `loss.py`), and DDP averages parameter gradients, so process r ends up contributing
     (1/W) * dL_r'/d theta for the L_r' it back-propagates. For theta's gradient to be dL/d theta =
@@ -83,23 +87,82 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        return torch.cat(parts)
+        counts = row_counts(x.shape[0], x.device)
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        rank = dist.get_rank()
+        ctx.start, ctx.rows = sum(counts[:rank]), x.shape[0]
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()  # all_reduce works in place; the incoming gradient is not ours
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        return grad[ctx.start : ctx.start + ctx.rows]
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialized process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def process_rank() -> int:
+    """This process's rank in the process group (0 with one process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def process_count() -> int:
+    """The number of processes in the run (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def row_counts(rows: int, device: torch.device) -> list[int]:
+    """Every process's `rows`, in rank order (`[rows]` for a single process)."""
+    if not is_distributed():
+        return [rows]
+    counts = torch.tensor([rows], device=device)
+    parts = [torch.empty_like(counts) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, counts)
+    return [int(c) for c in parts]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every process's `x` concatenated along dim 0 in rank order, differentiable (`x` with one process).
 
-    All processes must pass the same shape (an equal local batch: drop the last partial batch).
+    The processes may hold different numbers of rows; the other dimensions must agree.
     """
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return x
     return _GatherWithGrad.apply(x)
+
+
+def sum_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over all processes, a new tensor (`x` itself with one process); no gradient."""
+    if not is_distributed():
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def all_processes(flag: bool, device: torch.device) -> bool:
+    """True on every process when `flag` is true on every process: a decision they all take alike."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for with one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Leave the run's process group at the end, so the launcher sees a clean exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

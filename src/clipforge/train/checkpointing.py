@@ -2,8 +2,8 @@
 
 A checkpoint is a directory `step-00000200/` in the run directory:
 - the model as a clipforge directory (`config.json` + `model.safetensors`), so `clipforge.load()` reads it;
-- `optimizer.safetensors`: the AdamW moments and step counts, and the torch RNG states;
-- `trainer_state.json`: the step, the data position, the other RNG states, the resolved config.
+- `optimizer.safetensors`: the AdamW moments and step counts;
+- `trainer_state.json`: the step, the data position, the skip counts, the resolved config.
 It is assembled in a hidden temporary directory and renamed into place, so a run killed at any moment
 leaves either a whole checkpoint or none. No pickle anywhere: nothing in a checkpoint can run code.
 """
@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -83,45 +80,6 @@ def _restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-@dataclass
-class RngState:
-    """The global random states a training step may draw from: torch (CPU and each CUDA device), numpy,
-    Python's `random`. Captured when a checkpoint is saved, restored where the run continues."""
-
-    tensors: dict[str, torch.Tensor]  # torch's states as uint8 tensors (they go to safetensors)
-    plain: dict[str, Any]  # numpy's and Python's, as JSON
-
-    @classmethod
-    def capture(cls) -> RngState:
-        tensors = {"rng.torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        py_version, py_state, py_gauss = random.getstate()
-        plain = {
-            "python": [py_version, list(py_state), py_gauss],
-            "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-        }
-        return cls(tensors, plain)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.tensors["rng.torch"])
-        cuda_names = sorted((k for k in self.tensors if k.startswith("rng.cuda.")), key=_device_index)
-        cuda = [self.tensors[k] for k in cuda_names]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
-        version, state, gauss = self.plain["python"]
-        random.setstate((version, tuple(state), gauss))
-        kind, keys, pos, has_gauss, gauss = self.plain["numpy"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-
-
-def _device_index(name: str) -> int:
-    """`rng.cuda.10` after `rng.cuda.9`: devices in numeric order, not in the names' text order."""
-    return int(name.rsplit(".", 1)[1])
-
-
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -137,9 +95,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     save_native(model, tmp, tokenizer=tokenizer)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    rng = RngState.capture()
-    save_file({**opt_tensors, **rng.tensors}, tmp / OPTIMIZER_FILE)
-    state = {**trainer_state, "step": step, "optimizer": opt_meta, "rng": rng.plain}
+    save_file(opt_tensors, tmp / OPTIMIZER_FILE)
+    state = {**trainer_state, "step": step, "optimizer": opt_meta}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
     for path in (tmp / OPTIMIZER_FILE, tmp / STATE_FILE):
         with open(path, "rb") as f:
@@ -152,14 +109,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, Any], RngState]:
-    """Restore model and optimizer in place; return the trainer state (step, data position…) and the
-    RNG states, which the caller restores where the saving run was when it saved them."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer in place; return the trainer state (step, data position…).
+
+    No random state is kept: the data is keyed by sample, and a training step seeds torch's generators
+    from (run seed, step, process), so a resumed run draws what the stopped one would have drawn."""
     model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     tensors = load_file(path / OPTIMIZER_FILE)
     state = json.loads((path / STATE_FILE).read_text())
     _restore_optimizer(optimizer, tensors, state["optimizer"])
-    rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    return state, RngState(rng, state.pop("rng"))
+    return state

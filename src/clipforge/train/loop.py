@@ -19,16 +19,26 @@ import torch
 
 from clipforge.configs import dump_toml, to_dict
 from clipforge.data import build_train_loader
+from clipforge.data.samples import SKIP_REASONS, derive_seed
+from clipforge.distributed.parallel import data_parallel
+from clipforge.distributed.world import (
+    World,
+    barrier,
+    init_process_group,
+    leave_process_group,
+    sum_over_processes,
+)
 from clipforge.models import CLIP
 from clipforge.tokenizer import get_tokenizer
-from clipforge.train.checkpointing import RngState, load_checkpoint, resolve_resume, save_checkpoint
+from clipforge.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from clipforge.train.config import TrainConfig
 from clipforge.train.evaluation import make_evaluator
+from clipforge.train.loss import BatchLoss
 from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from clipforge.train.model import build_model, max_log_scale
 from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer
 from clipforge.train.progress import Progress
-from clipforge.train.steps import StepResult, parameters_finite, step_function
+from clipforge.train.steps import StepParts, StepResult, TrainingForward, parameters_finite, step_function
 from clipforge.train.validate import validate_run
 
 log = logging.getLogger("clipforge.train")
@@ -49,16 +59,20 @@ class TrainResult:
     skipped: dict[str, int]
 
 
-def setup_runtime(cfg: TrainConfig) -> torch.device:
-    """Seeds, threads and device: the same config on the same machine gives the same run."""
+def setup_runtime(cfg: TrainConfig, world: World | None = None) -> torch.device:
+    """Seeds, threads and device: the same config on the same machine gives the same run. Every process
+    is seeded alike, so all start from the same weights; a process uses the GPU of its local rank."""
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
-    if cfg.run.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.run.device)
+    device = cfg.run.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world is not None and world.world_size > 1:
+        device = f"cuda:{world.local_rank}"
+    return torch.device(device)
 
 
 def build_optimizer(cfg: TrainConfig, model: CLIP) -> torch.optim.AdamW:
@@ -108,63 +122,84 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str = ""):
         self.cfg = cfg
-        self.device = setup_runtime(cfg)
+        self.world = World.from_env()  # torchrun's or SLURM's variables; one process without them
+        self.device = setup_runtime(cfg, self.world)
+        init_process_group(self.world, self.device)
         self.run_dir = Path(cfg.run.out_dir)  # made last, so a failure on the way leaves nothing behind
         self.tokenizer = get_tokenizer(cfg.model.tokenizer or None)
         self.model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.max_log_scale = max_log_scale(cfg.loss)
+        forward, no_sync = data_parallel(
+            TrainingForward(self.model, cfg.run.precision), self.world, cfg.run.strategy, self.device
+        )
+        self.optimizer = build_optimizer(cfg, self.model)  # after sharding: FSDP2 replaces the parameters
+        self.parts = StepParts(
+            self.model,
+            self.optimizer,
+            forward,
+            BatchLoss(cfg.loss.name, cfg.loss.chunk_size),
+            cfg.optim.grad_clip,
+            max_log_scale(cfg.loss),
+            no_sync,
+        )
         # The whole batch at once, or a gradient cache over micro-batches: the same update either way.
         self.step_function = step_function(cfg.data.micro_batch_size)
         s = cfg.schedule
         self.schedule = WarmupCosine(cfg.optim.lr, s.warmup_steps, s.steps, s.final_lr)
         image_size = self.model.config.vision.image_size
-        self.data = build_train_loader(cfg.data, self.tokenizer, image_size, seed=cfg.run.seed)
-        self.evaluate = make_evaluator(cfg, self.tokenizer, image_size, self.device)
+        w = self.world
+        self.data = build_train_loader(
+            cfg.data, self.tokenizer, image_size, seed=cfg.run.seed, rank=w.rank, world_size=w.world_size
+        )
+        # One process reports: it evaluates, logs and writes the run directory.
+        self.evaluate = make_evaluator(cfg, self.tokenizer, image_size, self.device) if w.is_main else None
         # Counters that a checkpoint carries: batches drawn (the data position), skipped samples by reason.
         self.state: dict[str, Any] = {"step": 0, "batches": 0, "skipped": {}, "last_zeroshot": {}}
         self.resuming = bool(resume)  # from a checkpoint, or from step 0 if the run has none yet
-        self.saved_rng: RngState | None = None  # restored when the loop starts, not here (see _loop)
         checkpoint = resolve_resume(self.run_dir, resume)
         if checkpoint is not None:
-            state, self.saved_rng = load_checkpoint(checkpoint, self.model, self.optimizer)
-            self.state.update(state)
+            self.state.update(load_checkpoint(checkpoint, self.model, self.optimizer))
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
-        _prepare_run_dir(cfg)
+        if w.is_main:
+            _prepare_run_dir(cfg)
 
     def run(self) -> TrainResult:
+        main = self.world.is_main
         # A resumed run drops what the stopped one logged after its checkpoint: it logs those steps anew.
-        metrics = MetricsLog(self.run_dir, resume_step=self.state["step"] if self.resuming else None)
-        progress = Progress(self.cfg.schedule.steps, self.state["step"], enabled=self.cfg.run.progress)
+        metrics = (
+            MetricsLog(self.run_dir, resume_step=self.state["step"] if self.resuming else None)
+            if main
+            else SilentMetrics()
+        )
+        progress = Progress(
+            self.cfg.schedule.steps, self.state["step"], enabled=self.cfg.run.progress and main
+        )
         try:
             result = self._loop(metrics, progress)
         finally:
             progress.close()
             metrics.close()
-        plot_curves(metrics.path, self.run_dir / CURVES_FILE)
+            leave_process_group()
+        if main:
+            plot_curves(metrics.path, self.run_dir / CURVES_FILE)
         return result
 
     def _loop(self, metrics: MetricsLog, progress: Progress) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = self.data.batches(start_batch=state["batches"])
-        if self.saved_rng is not None:
-            # Where the saving run was: its loader had started, its next step had not. So whatever
-            # starting up draws (now or in a later version), patch dropout continues the same stream.
-            self.saved_rng.restore()
         speed, bad_in_a_row, loss = Throughput(), 0, float("nan")
         while state["step"] < cfg.schedule.steps:
             step = state["step"]
             speed.start()
             batch = next(batches)
-            if len(batch) == 0:  # every sample of this batch was skipped (and counted)
-                self._count_skipped(batch)
+            samples = self._count_batch(batch)
+            if samples == 0:  # every sample of this global batch was skipped (and counted)
                 continue
-            result, n = self._step(batch, step)
+            result = self._step(batch, step)
             if not result.finite:
                 bad_in_a_row += 1
                 self._on_bad_step(step, result, bad_in_a_row)
                 continue
-            speed.stop(n)
+            speed.stop(samples)
             bad_in_a_row, loss = 0, result.loss
             state["step"] = step = step + 1
             self._report(step, result, speed.recent(), metrics, progress)
@@ -179,29 +214,23 @@ class Trainer:
             dict(state["skipped"]),
         )
 
-    def _step(self, batch, step: int) -> tuple[StepResult, int]:
-        self._count_skipped(batch)
+    def _step(self, batch, step: int) -> StepResult:
         images = batch.images.to(self.device, non_blocking=True)
         tokens = batch.tokens.to(self.device, non_blocking=True)
-        lr = self.schedule(step)
-        cfg = self.cfg
-        result = self.step_function(
-            self.model,
-            self.optimizer,
-            images,
-            tokens,
-            lr,
-            cfg.run.precision,
-            cfg.optim.grad_clip,
-            cfg.loss.name,
-            self.max_log_scale,
-        )
-        return result, images.shape[0]
+        # Random draws in the step (patch dropout) come from (seed, step, process): a resumed run draws
+        # what the stopped one would have, with no generator state to save.
+        torch.manual_seed(derive_seed(self.cfg.run.seed, "step", step, self.world.rank))
+        return self.step_function(self.parts, images, tokens, self.schedule(step))
 
-    def _count_skipped(self, batch) -> None:
+    def _count_batch(self, batch) -> int:
+        """Count the batch drawn and its skipped samples over all processes; return its global size."""
         self.state["batches"] += 1
-        for reason, count in batch.skipped.items():
-            self.state["skipped"][reason] = self.state["skipped"].get(reason, 0) + count
+        counts = [len(batch)] + [batch.skipped.get(reason, 0) for reason in SKIP_REASONS]
+        total = sum_over_processes(torch.tensor(counts, device=self.device)).tolist()
+        skipped = self.state["skipped"]
+        for reason, count in zip(SKIP_REASONS, total[1:], strict=True):
+            skipped[reason] = skipped.get(reason, 0) + count
+        return total[0]
 
     def _on_bad_step(self, step: int, result: StepResult, bad_in_a_row: int) -> None:
         """A failed update. `step` updates are done, so this one would have been step `step + 1`: the
@@ -268,15 +297,29 @@ class Trainer:
             )
         trainer_state = {k: self.state[k] for k in ("batches", "skipped", "last_zeroshot")}
         trainer_state["config"] = to_dict(self.cfg)
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir,
-            step,
-            self.model,
-            self.optimizer,
-            trainer_state,
-            self.tokenizer,
-            self.cfg.run.keep_checkpoints,
-        )
+        if self.world.is_main:  # every process holds the same model and optimizer state
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir,
+                step,
+                self.model,
+                self.optimizer,
+                trainer_state,
+                self.tokenizer,
+                self.cfg.run.keep_checkpoints,
+            )
+        barrier()  # no process runs ahead of a checkpoint that is still being written
+
+
+class SilentMetrics:
+    """The metrics log of a process that does not report."""
+
+    path = None
+
+    def write(self, step: int, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(cfg: TrainConfig, resume: str = "") -> TrainResult:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clipforge.distributed.world import gather_with_grad
+from clipforge.distributed.world import gather_with_grad, process_rank, row_counts
 
 # The paper clips the learned temperature so that logits are scaled by at most 100.
 MAX_LOGIT_SCALE = math.log(100)
@@ -191,6 +191,53 @@ def sharded_sigmoid_loss(
     is scored once, by the process holding its image. With world = 1 this is `sigmoid_loss`."""
     all_texts = _gathered(text_local, world)
     return sigmoid_loss(image_local, all_texts, logit_scale, logit_bias, offset=rank * image_local.shape[0])
+
+
+@dataclass(frozen=True)
+class BatchLoss:
+    """The training loss of one step, as each process computes its share of it; the same code for one
+    process and for many, chunked or not.
+
+    Each process passes its own pairs' features. They are gathered from every process (with gradient), the
+    local rows are scored against all N columns, and the result is scaled by B_local / (N / W): the mean
+    over the W processes is then the global batch's loss, and DDP's averaged gradient is the gradient of
+    one process holding the whole batch, even when the processes hold different numbers of pairs (samples
+    skipped in one of them). With one process the scale is exactly 1 and this is `contrastive_loss` or
+    `sigmoid_loss`.
+    """
+
+    name: str = "contrastive"  # "contrastive" or "sigmoid" (`loss.name`)
+    chunk: int = 0  # contrastive: stream over this many columns at a time; 0 = all at once
+
+    def __call__(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        rows = image_features.shape[0]
+        counts = row_counts(rows, image_features.device)
+        offset = sum(counts[: process_rank()])
+        if rows == 0:  # nothing here, but every parameter must still take part in the backward
+            unused = image_features.sum() + text_features.sum() + logit_scale
+            return 0.0 * (unused if logit_bias is None else unused + logit_bias)
+        all_texts = gather_with_grad(text_features)
+        if self.name == "sigmoid":
+            if logit_bias is None:
+                raise ValueError("the sigmoid loss needs the model's logit_bias (loss.name = 'sigmoid')")
+            loss = sigmoid_loss(image_features, all_texts, logit_scale, logit_bias, offset=offset)
+        else:
+            loss = self._contrastive(image_features, text_features, all_texts, logit_scale, offset)
+        return loss * (rows * len(counts) / sum(counts))
+
+    def _contrastive(self, images, texts, all_texts, logit_scale, offset: int) -> torch.Tensor:
+        all_images = gather_with_grad(images)
+        if self.chunk <= 0:
+            return contrastive_loss(images, texts, logit_scale, all_images, all_texts, offset)
+        per_image = chunked_cross_entropy(images, all_texts, logit_scale, offset, self.chunk)
+        per_text = chunked_cross_entropy(texts, all_images, logit_scale, offset, self.chunk)
+        return (per_image + per_text) / 2
 
 
 @torch.no_grad()
