@@ -151,6 +151,11 @@ class ClipTokenizer:
         return "openai" if self.name == "openai" else f"bpe-{self.merges_sha256[:16]}"
 
     @property
+    def merges(self) -> list[tuple[str, str]]:
+        """The ordered merge list that defines the vocabulary (a copy): what other formats write out."""
+        return list(self._merges)
+
+    @property
     def merges_sha256(self) -> str:
         if self._merges_sha256 is None:
             text = "\n".join(f"{a} {b}" for a, b in self._merges)
