@@ -5,9 +5,14 @@ What `load(name_or_path, pretrained=None)` accepts, in this order:
 1. `pretrained` is a path: `name_or_path` names the architecture (a registered name or a `CLIPConfig`),
    and the weights come from that file or directory; their shapes must fit the named architecture.
 2. a pretrained name ("ViT-B-32", "ViT-B/32", "RN50", ...): downloaded once into the cache, then read;
-3. a path: a clipforge directory (config.json + model.safetensors), an OpenAI release file (TorchScript
-   archive), a torch.save file holding a state dict (zip or legacy format; `{"state_dict": ...}` and
-   `{"model": ...}` wrappers and a DDP `module.` prefix are unwrapped), or a `.safetensors` file.
+   OpenCLIP's ("openclip/ViT-B-32:laion2b_s34b_b79k", or "openclip/ViT-B-32" with pretrained=
+   "laion2b_s34b_b79k");
+3. a path, recognized by its content: a clipforge directory (config.json + model.safetensors), an OpenCLIP
+   hub directory (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin), a
+   transformers CLIPModel directory (config.json + model.safetensors or pytorch_model.bin), an OpenAI
+   release file (TorchScript archive), an OpenCLIP training checkpoint, a torch.save file holding a state
+   dict (zip or legacy format; `{"state_dict": ...}` and `{"model": ...}` wrappers and a DDP `module.`
+   prefix are unwrapped), or a `.safetensors` file.
 
 Without a config (directories carry theirs), the architecture is inferred from the tensor shapes, and
 held to the same bounds as a config read from a file. Files are untrusted: every tensor's shape is
@@ -18,6 +23,7 @@ built. Weights then load with strict key and shape checks into a float32 model, 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +43,13 @@ from clipforge.checkpoints.safe_unpickle import (
     read_legacy,
 )
 from clipforge.checkpoints.safetensors_header import is_safetensors, read_header
+from clipforge.convert import openclip
 from clipforge.models import CLIP, CLIPConfig, create_model
 from clipforge.models.config import ALIASES, MODEL_CONFIGS, get_config
 
-__all__ = ["Weights", "describe", "load", "load_into", "load_model", "read_weights", "resolve", "save"]
+__all__ = [
+    "Weights", "describe", "load", "load_into", "load_model", "open_model", "read_weights", "resolve", "save",
+]  # fmt: skip
 
 PathLike = str | os.PathLike
 
@@ -53,6 +62,10 @@ class Weights:
     config: CLIPConfig | None = None  # clipforge directories carry their config
     tokenizer_dir: Path | None = None
     from_script: bool = False  # a TorchScript tree: take the tensors the model expects, ignore the rest
+    tokenizer: Any | None = None  # a tokenizer read with the weights (a transformers directory's)
+    preprocess: dict[str, Any] | None = None  # {"mean", "std"} when not OpenAI's (an OpenCLIP hub config)
+    note: str | None = None  # what the user should know about how the file was read (a guessed activation)
+    format: str = "state dict"  # what the file was recognized as, for messages
 
     @property
     def is_meta(self) -> bool:
@@ -86,20 +99,72 @@ def read_weights(path: PathLike, tensors: bool = True) -> Weights:
     """
     path = Path(path)
     if path.is_dir():
-        return _read_native(path, tensors)
+        return _read_directory(path, tensors)
     if not path.is_file():
         raise CheckpointError(f"no such file or directory: {path}")
     if path.name == native.WEIGHTS_FILE and native.is_native_dir(path.parent):
-        return _read_native(path.parent, tensors)
+        return _read_directory(path.parent, tensors)  # clipforge's or a transformers directory
+    if path.name in openclip.WEIGHTS_FILES and openclip.is_hub_dir(path.parent):
+        return _read_openclip_hub(path.parent, tensors)
     if is_zip_archive(path):
         obj = read_archive(path)
     elif is_safetensors(path):
-        return Weights(_read_safetensors(path, tensors))
+        return Weights(_read_safetensors(path, tensors), format="safetensors")
     else:
         obj = read_legacy(path)
     if isinstance(obj, ScriptObject):
-        return Weights(script_tensors(obj), from_script=True)
+        return Weights(script_tensors(obj), from_script=True, format="OpenAI TorchScript archive")
+    if openclip.is_training_checkpoint(obj):
+        config, note = openclip.checkpoint_config(obj, path)
+        return Weights(_unwrap(obj, path), config, note=note, format="OpenCLIP checkpoint")
     return Weights(_unwrap(obj, path))
+
+
+def _native_format(directory: Path) -> bool:
+    """Whether `directory`'s config.json is clipforge's (a transformers directory has one too)."""
+    try:
+        native.read_config(directory)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _read_directory(directory: Path, tensors: bool) -> Weights:
+    if openclip.is_hub_dir(directory):
+        return _read_openclip_hub(directory, tensors)
+    if not native.is_native_dir(directory):
+        raise CheckpointError(
+            f"{directory} is a directory without {native.CONFIG_FILE} or {openclip.CONFIG_FILE}: neither a "
+            "clipforge save, a transformers CLIPModel nor an OpenCLIP hub directory"
+        )
+    if _native_format(directory):
+        return _read_native(directory, tensors)
+    meta = openclip.read_json(directory / native.CONFIG_FILE)
+    if isinstance(meta, dict) and (
+        meta.get("model_type") == "clip" or "CLIPModel" in meta.get("architectures", ())
+    ):
+        return _read_hf(directory)
+    native.read_config(directory)  # raises, naming what config.json lacks to be clipforge's
+    raise AssertionError("unreachable")
+
+
+def _read_hf(directory: Path) -> Weights:
+    from clipforge.convert.hf import read_hf  # transformers itself is not needed to read one
+
+    config, state_dict, tokenizer = read_hf(directory)
+    return Weights(state_dict, config, tokenizer=tokenizer, format="transformers CLIPModel directory")
+
+
+def _read_openclip_hub(directory: Path, tensors: bool) -> Weights:
+    config, preprocess = openclip.read_hub_config(directory)
+    weights = openclip.hub_weights(directory)
+    if is_safetensors(weights):
+        state_dict = _read_safetensors(weights, tensors)
+    else:
+        state_dict = _unwrap(
+            read_archive(weights) if is_zip_archive(weights) else read_legacy(weights), weights
+        )
+    return Weights(state_dict, config, preprocess=preprocess, format="OpenCLIP hub directory")
 
 
 def _read_safetensors(path: Path, tensors: bool) -> StateDict:
@@ -146,13 +211,20 @@ def _architecture(name: str | CLIPConfig) -> CLIPConfig:
 def resolve(
     name_or_path: PathLike | CLIPConfig, pretrained: PathLike | None = None
 ) -> tuple[CLIPConfig | None, Path]:
-    """(The architecture if it is named, the local path of the weights), downloading named weights."""
+    """(The architecture if it is named, the local path of the weights), downloading named weights.
+
+    `pretrained` is a path, or an OpenCLIP tag with an OpenCLIP architecture ("openclip/ViT-B-32",
+    "laion2b_s34b_b79k"), which names the weights "openclip/ViT-B-32:laion2b_s34b_b79k"."""
+    if isinstance(name_or_path, str) and isinstance(pretrained, str):
+        tagged = f"{name_or_path}:{pretrained}"
+        if registry.has_pretrained(tagged):
+            name_or_path, pretrained = tagged, None
     if pretrained is not None and pretrained != "openai":
         return _architecture(name_or_path), Path(pretrained)  # type: ignore[arg-type]
     if isinstance(name_or_path, CLIPConfig):
         raise CheckpointError("a CLIPConfig names no weights: pass pretrained=<path> with it")
     if isinstance(name_or_path, str) and registry.has_pretrained(name_or_path):
-        return get_config(registry.canonical_name(name_or_path)), registry.fetch(name_or_path)
+        return get_config(registry.architecture(name_or_path)), registry.fetch(name_or_path)
     if os.path.exists(name_or_path):
         return None, Path(name_or_path)
     names = ", ".join(registry.available_pretrained())
@@ -190,6 +262,8 @@ def _open(
     named, path = resolve(name_or_path, pretrained)
     weights = read_weights(path, tensors=False)
     config = _choose_config(named, weights, path)
+    if weights.note and named is None and weights.config is None:
+        warnings.warn(weights.note, stacklevel=3)
     check_fits(config, weights.state_dict, path, weights.from_script)
     return config, weights, path
 
@@ -208,11 +282,14 @@ def _build(config: CLIPConfig, weights: Weights, path: Path, device: Any) -> CLI
     return model.to(device).eval()
 
 
-def _tokenizer(config: CLIPConfig, directory: Path | None, source: Path) -> Any:
+def _tokenizer(config: CLIPConfig, weights: Weights, source: Path) -> Any:
     """The saved tokenizer (else OpenAI's) at the model's context length, checked against its vocabulary."""
     from clipforge.tokenizer import get_tokenizer
 
-    context = config.text.context_length
+    context, directory = config.text.context_length, weights.tokenizer_dir
+    if weights.tokenizer is not None:
+        check_tokenizer_fits(config, weights.tokenizer, source)
+        return weights.tokenizer
     if directory is None:
         tokenizer = get_tokenizer(None, context_length=context)
         if tokenizer.vocab_size > config.text.vocab_size:
@@ -257,9 +334,26 @@ def load(
     from clipforge.transforms import image_transform
 
     config, weights, path = _open(name_or_path, pretrained)
-    tokenizer = _tokenizer(config, weights.tokenizer_dir, path)
+    tokenizer = _tokenizer(config, weights, path)
     model = _build(config, weights, path, device)
-    return model, image_transform(config.vision.image_size), tokenizer
+    norm = {k: v for k, v in (weights.preprocess or {}).items() if k in ("mean", "std")}
+    if weights.preprocess and "unsupported" in weights.preprocess:
+        warnings.warn(
+            f"{path} asks for preprocessing {weights.preprocess['unsupported']}; clipforge's transform "
+            "resizes the shortest side (bicubic) and center-crops",
+            stacklevel=2,
+        )
+    return model, image_transform(config.vision.image_size, **norm), tokenizer
+
+
+def open_model(
+    name_or_path: PathLike | CLIPConfig, pretrained: PathLike | None = None
+) -> tuple[CLIP, Weights, Path]:
+    """(model on the CPU in eval mode, what was read with it (format, tokenizer, preprocessing, notes),
+    the local path), for tools that convert a model and carry the rest along (`clipforge.convert`)."""
+    config, weights, path = _open(name_or_path, pretrained)
+    model = _build(config, weights, path, "cpu")
+    return model, weights, path
 
 
 def save(model: CLIP, directory: PathLike, tokenizer: Any | None = None) -> Path:

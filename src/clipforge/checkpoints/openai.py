@@ -125,13 +125,22 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> CLIPConfig:
 
 
 def _without_heads(config: CLIPConfig) -> Any:
-    # Shapes do not depend on head counts; compare everything else (but the bias: any model may have one).
-    vision = dataclasses.replace(config.vision, heads=0)
-    text = dataclasses.replace(config.text, heads=0)
-    return dataclasses.replace(config, vision=vision, text=text, logit_bias=False)
+    # Shapes depend on neither head counts nor the activation; compare everything else (but the bias: any
+    # model may have one), MLP ratios as the hidden widths they give (OpenCLIP's ViT-g-14 states 4.3637).
+    def hidden(width: int, ratio: float) -> float:
+        return float(int(width * ratio))
+
+    v, t = config.vision, config.text
+    vision = dataclasses.replace(v, heads=0, mlp_ratio=hidden(v.width, v.mlp_ratio))
+    text = dataclasses.replace(t, heads=0, mlp_ratio=hidden(t.width, t.mlp_ratio))
+    return dataclasses.replace(config, vision=vision, text=text, activation="", logit_bias=False)
 
 
 def _registered_twin(config: CLIPConfig) -> CLIPConfig | None:
+    """The registered config with these shapes, if their head counts agree; the activation is kept:
+    shapes cannot tell it (QuickGELU, OpenAI's, is assumed)."""
     key = _without_heads(config)
     twins = [c for c in MODEL_CONFIGS.values() if _without_heads(c) == key]
-    return twins[0] if len(twins) == 1 else None
+    if len({(c.vision.heads, c.text.heads) for c in twins}) != 1:
+        return None
+    return dataclasses.replace(twins[0], activation=config.activation)

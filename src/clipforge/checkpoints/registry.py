@@ -1,8 +1,16 @@
-"""Pretrained weights by name: OpenAI's nine released CLIP models, their URLs and SHA-256 digests.
+"""Pretrained weights by name: URLs, SHA-256 digests and architectures.
 
-The URLs are the ones OpenAI publishes (github.com/openai/CLIP, `clip/clip.py`, `_MODELS`); the digest of
-each file is the second-to-last segment of its URL. Files are downloaded once into the cache directory
-(`$CLIPFORGE_CACHE`, default `~/.cache/clipforge`), checked against the digest, and reused afterwards.
+OpenAI's nine released CLIP models: the URLs are the ones OpenAI publishes (github.com/openai/CLIP,
+`clip/clip.py`, `_MODELS`); the digest of each file is the second-to-last segment of its URL.
+
+OpenCLIP's weights are named "openclip/<architecture>:<tag>" after OpenCLIP's own (architecture, tag)
+pairs (github.com/mlfoundations/open_clip, src/open_clip/pretrained.py). OpenCLIP publishes no full digest
+for them (its GitHub-release files carry an 8-hex-digit prefix, its Hugging Face Hub files none), so only
+files whose full SHA-256 could be attributed to a published source are registered, each pinned to a Hub
+revision so the bytes cannot change under the digest; see each entry's comment.
+
+Files are downloaded once into the cache directory (`$CLIPFORGE_CACHE`, default `~/.cache/clipforge`),
+checked against the digest, and reused afterwards.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ _BASE = "https://openaipublic.azureedge.net/clip/models"
 class PretrainedWeights:
     url: str
     sha256: str
+    architecture: str = ""  # a name in MODEL_CONFIGS; "": the same as the weights' name
+    cache_name: str = ""  # the file's name in the cache; "": the URL's last segment
 
     @property
     def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return self.cache_name or self.url.rsplit("/", 1)[-1]
 
 
 def _openai(sha256: str, filename: str) -> PretrainedWeights:
@@ -47,9 +57,30 @@ PRETRAINED: dict[str, PretrainedWeights] = {
 }
 
 
+_HF = "https://huggingface.co"
+
+# Keys: "openclip/<OpenCLIP architecture>:<OpenCLIP tag>".
+OPENCLIP_PRETRAINED: dict[str, PretrainedWeights] = {
+    # laion/CLIP-ViT-B-32-laion2B-s34B-b79K, the Hub file OpenCLIP's "laion2b_s34b_b79k" loads
+    # (605,143,316 bytes). Digest: the one two independent public projects pin for this file at this
+    # revision (found by searching public source code); OpenCLIP publishes none.
+    "openclip/ViT-B-32:laion2b_s34b_b79k": PretrainedWeights(
+        f"{_HF}/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/1a25a446712ba5ee05982a381eed697ef9b435cf/"
+        "open_clip_model.safetensors",
+        "ac4f8c4b88af6d963118cbf40ad93176d092abbedfcb752601ae1866352656e6",
+        architecture="openclip/ViT-B-32",
+        cache_name="openclip-ViT-B-32-laion2b_s34b_b79k.safetensors",
+    ),
+}
+
+
+def _all() -> dict[str, PretrainedWeights]:
+    return {**PRETRAINED, **OPENCLIP_PRETRAINED}
+
+
 def available_pretrained() -> list[str]:
     """Names with downloadable weights (OpenAI's spellings like "ViT-B/32" are accepted too)."""
-    return list(PRETRAINED)
+    return list(_all())
 
 
 def canonical_name(name: str) -> str:
@@ -57,14 +88,19 @@ def canonical_name(name: str) -> str:
 
 
 def has_pretrained(name: str) -> bool:
-    return canonical_name(name) in PRETRAINED
+    return canonical_name(name) in _all()
 
 
 def get_pretrained(name: str) -> PretrainedWeights:
-    key = canonical_name(name)
-    if key not in PRETRAINED:
-        raise CheckpointError(f"no pretrained weights named {name!r}; available: {', '.join(PRETRAINED)}")
-    return PRETRAINED[key]
+    key, known = canonical_name(name), _all()
+    if key not in known:
+        raise CheckpointError(f"no pretrained weights named {name!r}; available: {', '.join(known)}")
+    return known[key]
+
+
+def architecture(name: str) -> str:
+    """The architecture (a MODEL_CONFIGS name) of the named weights."""
+    return get_pretrained(name).architecture or canonical_name(name)
 
 
 def cache_dir() -> Path:

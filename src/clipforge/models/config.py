@@ -1,7 +1,9 @@
 """Model configurations as data: typed dataclasses plus the named architectures.
 
 The nine paper models use OpenAI's published hyperparameters (Radford et al. 2021, Tables 19-20, and the
-shapes of the released weight files). Small configs that train on a CPU sit beside them. A config is all
+shapes of the released weight files). OpenCLIP's ViTs are registered as "openclip/" + OpenCLIP's name
+("openclip/ViT-B-32" is OpenCLIP's GELU ViT-B-32; plain "ViT-B-32" stays OpenAI's QuickGELU model). Small
+configs that train on a CPU sit beside them. A config is all
 that is needed to build a model: `create_model(name_or_config)` never looks at a model's name.
 """
 
@@ -276,6 +278,51 @@ MODEL_CONFIGS: dict[str, CLIPConfig] = {
         256, VisionConfig("resnet", 64, 16, (1, 1, 1, 1), heads=8), TextConfig(width=256, heads=4, layers=6)
     ),
 }
+
+
+def _openclip_vit(
+    embed_dim: int,
+    width: int,
+    layers: int,
+    patch: int,
+    text: TextConfig,
+    head_width: int = 64,
+    mlp_ratio: float = 4.0,
+    quick_gelu: bool = False,
+) -> CLIPConfig:
+    # OpenCLIP's vision configs give a head width rather than a head count (64 unless stated).
+    vision = VisionConfig("vit", 224, width, layers, width // head_width, patch, mlp_ratio)
+    return CLIPConfig(embed_dim, vision, text, activation="quick_gelu" if quick_gelu else "gelu")
+
+
+def _openclip_configs() -> dict[str, CLIPConfig]:
+    """OpenCLIP's ViT architectures, named "openclip/" + OpenCLIP's own name. The shapes are OpenCLIP's
+    published model configs (github.com/mlfoundations/open_clip, src/open_clip/model_configs/*.json).
+    OpenCLIP's plain names use exact GELU; its "-quickgelu" names are the same shapes with QuickGELU."""
+    text_b, text_l = _text(512), TextConfig(width=768, heads=12, layers=12)
+    text_h = TextConfig(width=1024, heads=16, layers=24)
+    shapes = {
+        "ViT-B-32": dict(embed_dim=512, width=768, layers=12, patch=32, text=text_b),
+        "ViT-B-16": dict(embed_dim=512, width=768, layers=12, patch=16, text=text_b),
+        "ViT-L-14": dict(embed_dim=768, width=1024, layers=24, patch=14, text=text_l),
+        "ViT-H-14": dict(embed_dim=1024, width=1280, layers=32, patch=14, text=text_h, head_width=80),
+        "ViT-g-14": dict(
+            embed_dim=1024, width=1408, layers=40, patch=14, text=text_h, head_width=88, mlp_ratio=4.3637
+        ),
+        "ViT-bigG-14": dict(
+            embed_dim=1280, width=1664, layers=48, patch=14, head_width=104, mlp_ratio=4.9231,
+            text=TextConfig(width=1280, heads=20, layers=32),
+        ),
+    }  # fmt: skip
+    configs: dict[str, CLIPConfig] = {}
+    for name, shape in shapes.items():
+        configs[f"openclip/{name}"] = _openclip_vit(**shape)  # type: ignore[arg-type]
+        if name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-H-14"):  # OpenCLIP's -quickgelu variants
+            configs[f"openclip/{name}-quickgelu"] = _openclip_vit(**shape, quick_gelu=True)  # type: ignore[arg-type]
+    return configs
+
+
+MODEL_CONFIGS.update(_openclip_configs())
 
 # The nine architectures of the paper, with released weights.
 PAPER_MODELS: tuple[str, ...] = (
