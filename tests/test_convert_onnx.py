@@ -9,6 +9,7 @@ count, scale, mask or pooling position moves outputs by percents.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -38,9 +39,14 @@ CONFIGS = {
 
 
 def session(path: Path) -> ort.InferenceSession:
+    return _session(str(path), path.stat().st_mtime_ns)
+
+
+@functools.cache
+def _session(path: str, mtime_ns: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def images(config: CLIPConfig, batch: int, seed: int = 0) -> torch.Tensor:
