@@ -144,7 +144,7 @@ CASES = {
         "text",
     ),
     "more workers than shards": case(
-        "data.workers",
+        "data.path",
         "--data.source",
         "webdataset",
         "--data.path",

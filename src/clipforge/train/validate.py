@@ -22,10 +22,11 @@ import torch
 from clipforge.checkpoints import CheckpointError, native
 from clipforge.checkpoints.load import architecture_of, describe
 from clipforge.checkpoints.registry import available_pretrained, canonical_name, has_pretrained
-from clipforge.configs import invalid
+from clipforge.configs import ConfigError, invalid
 from clipforge.data.config import DataConfig
 from clipforge.data.pipeline import build_source
 from clipforge.data.webdataset import count_samples, is_local, local_path
+from clipforge.distributed.world import World
 from clipforge.evaluate.datasets import DataSpec, read_labelled
 from clipforge.evaluate.prompts import load_prompts, load_templates
 from clipforge.models import CLIPConfig, available_models, get_config
@@ -39,7 +40,8 @@ from clipforge.train.model import model_config, temperature_settings
 
 def validate_run(cfg: TrainConfig, resume: str = "") -> None:
     """Raise `ConfigError` naming the first field of `cfg` (or `--resume`) that cannot work; write nothing."""
-    cfg.data.validate()
+    world = check_world()
+    cfg.data.validate(world.world_size)
     try:
         temperature_settings(cfg.loss)
     except ValueError as e:
@@ -48,10 +50,18 @@ def validate_run(cfg: TrainConfig, resume: str = "") -> None:
     architecture = check_model_name(cfg)
     trained = model_config(cfg, check_tokenizer(cfg.model.tokenizer))
     check_pretrained(cfg.model.pretrained, trained)
-    check_data(cfg.data, architecture.vision.image_size, cfg.run.seed)
+    check_data(cfg.data, architecture.vision.image_size, cfg.run.seed, world.world_size)
     check_eval(cfg)
     check_out_dir(cfg.run.out_dir)
     check_resume(cfg, resume, trained)
+
+
+def check_world() -> World:
+    """This process's place in the run, from torchrun's or SLURM's variables."""
+    try:
+        return World.from_env()
+    except ValueError as e:
+        raise ConfigError(f"the launcher's environment: {e}") from None
 
 
 def check_device(device: str, precision: str) -> None:
@@ -162,26 +172,24 @@ def _check_fits(field: str, source: str, saved: CLIPConfig, trained: CLIPConfig)
         )
 
 
-def check_data(data: DataConfig, image_size: int, seed: int) -> None:
+def check_data(data: DataConfig, image_size: int, seed: int, world_size: int = 1) -> None:
     """The files exist and are of the right kind, and hold at least one batch (CSV rows, folder images,
-    local shards' samples: counted until a batch is reached)."""
+    local shards' samples: counted until a batch is reached); shards enough for the run's streams."""
     if data.source == "synthetic":
         return  # `DataConfig.validate` compared synthetic_samples with the batch size
     if data.source == "webdataset":
-        shards = check_shards("data.path", data.path)
-        if len(shards) < data.workers:  # each worker reads whole shards
-            raise invalid("data.workers", data.workers, f"more than the {len(shards)} shard(s) of data.path")
+        check_shards("data.path", data.path)
     else:
         want_dir = data.source == "folder"
         _check_kind("data.path", data.path, want_dir, "an image folder" if want_dir else "a CSV/TSV file")
     try:
-        source = build_source(data, image_size, seed)  # header, columns, first image paths, shard count
+        source = build_source(data, image_size, seed, world_size)  # header, columns, first images, shards
     except (OSError, ValueError) as e:
         # The sources name the field at fault, as "data.<field>: problem".
         field, _, problem = str(e).partition(": ")
         name = field.removeprefix("data.")
         if not (field.startswith("data.") and hasattr(data, name)):
-            field, name, problem = "data.path", "path", str(e)
+            field, name, problem = "data.path", "path", str(e).removeprefix("data.path ")
         raise invalid(field, getattr(data, name), problem) from None
     if data.source == "webdataset":
         samples = _count_shard_samples(source.urls, data.batch_size)
