@@ -3,7 +3,6 @@ a tiny two-tower model exactly as 1 process x B does (loss, gradients, parameter
 
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipforge.distributed.world import World, gather_with_grad, init_process_group
-from clipforge.train.loss import sharded_contrastive_loss, sharded_sigmoid_loss
+from clipforge.train.loss import BatchLoss, sharded_contrastive_loss, sharded_sigmoid_loss
+from conftest import free_port
 
 # ---- World from the environment ----
 
@@ -73,13 +73,17 @@ WORLD = 2
 @dataclass(frozen=True)
 class Case:
     loss: str  # "contrastive" or "sigmoid"
-    chunk: int | None  # contrastive only: columns per block
+    chunk: int | None  # columns per block (the sharded sigmoid loss: the BatchLoss form only)
     dtype: torch.dtype
     optimizer: str  # "sgd" or "adamw"
+    # The trainer's BatchLoss with rank 0 holding 3 of the 8 pairs and rank 1 the other 5 (samples skipped
+    # on one process), instead of the even-split sharded losses.
+    uneven: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.loss}-{self.chunk}-{str(self.dtype)[6:]}-{self.optimizer}"
+        split = "-uneven" if self.uneven else ""
+        return f"{self.loss}-{self.chunk}-{str(self.dtype)[6:]}-{self.optimizer}{split}"
 
 
 CASES = [
@@ -89,6 +93,10 @@ CASES = [
     Case("sigmoid", None, torch.float64, "adamw"),
     Case("contrastive", None, torch.float32, "sgd"),
     Case("sigmoid", None, torch.float32, "sgd"),
+    Case("contrastive", None, torch.float64, "adamw", uneven=True),
+    Case("contrastive", 3, torch.float64, "sgd", uneven=True),
+    Case("sigmoid", None, torch.float64, "adamw", uneven=True),
+    Case("sigmoid", 3, torch.float64, "sgd", uneven=True),
 ]
 
 
@@ -110,9 +118,15 @@ def one_step(case: Case, rank: int, world: int) -> dict[str, torch.Tensor]:
     params = {**dict(towers.named_parameters()), "logit_scale": scale, "logit_bias": bias}
     images, texts = batch(case.dtype)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    if case.uneven and world > 1:
+        rows = slice(0, 3) if rank == 0 else slice(3, BATCH)
     image_features = F.normalize(towers["image"](images[rows]), dim=-1)
     text_features = F.normalize(towers["text"](texts[rows]), dim=-1)
-    if case.loss == "contrastive":
+    if case.uneven:
+        loss = BatchLoss(case.loss, case.chunk or 0)(image_features, text_features, scale, bias)
+        if case.loss == "contrastive":
+            bias.grad = torch.zeros_like(bias)
+    elif case.loss == "contrastive":
         loss = sharded_contrastive_loss(image_features, text_features, scale, rank, world, case.chunk)
         bias.grad = torch.zeros_like(bias)  # unused: every process steps the same parameters
     else:
@@ -137,12 +151,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     results = {case.name: one_step(case, rank, WORLD) for case in CASES}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from clipforge.train.loss import (
     LOSS_DEFAULTS,
     MAX_LOGIT_SCALE,
+    BatchLoss,
     chunked_cross_entropy,
+    chunked_sigmoid_loss,
     clamp_logit_scale,
     contrastive_loss,
     sharded_contrastive_loss,
@@ -211,3 +213,34 @@ def test_chunked_cross_entropy_refuses_bad_arguments(chunk, offset, message):
     queries, keys, log_scale = features(10, 4, torch.float32, seed=10)
     with pytest.raises(ValueError, match=message):
         chunked_cross_entropy(queries[:3], keys, log_scale, offset=offset, chunk=chunk)
+
+
+@pytest.mark.parametrize("offset", [2, None])
+@pytest.mark.parametrize("chunk", [1, 3, 10, 20])
+def test_chunked_sigmoid_loss_and_gradients_are_exact_in_float64(chunk, offset):
+    """4 local images against 10 texts (their captions at 2..5, or none of them), in blocks of `chunk`."""
+    images, texts, log_scale = features(10, 6, torch.float64, seed=11)
+    bias = torch.tensor(-2.5, dtype=torch.float64, requires_grad=True)
+    inputs = (images, texts, log_scale, bias)
+    local = images[2:6]
+    want = loss_and_grads(sigmoid_loss(local, texts, log_scale, bias, offset=offset), inputs)
+    got = loss_and_grads(chunked_sigmoid_loss(local, texts, log_scale, bias, offset, chunk), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["contrastive", "sigmoid"])
+def test_batch_loss_chunked_or_not_is_the_plain_loss_in_one_process(name):
+    images, texts, log_scale = features(8, 6, torch.float64, seed=12)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    inputs = (images, texts, log_scale, bias)
+    plain = (
+        sigmoid_loss(images, texts, log_scale, bias)
+        if name == "sigmoid"
+        else contrastive_loss(images, texts, log_scale) + 0 * bias
+    )
+    want = loss_and_grads(plain, inputs)
+    for chunk in (0, 3):
+        loss = BatchLoss(name, chunk)(images, texts, log_scale, bias) + 0 * bias
+        for g, w in zip(loss_and_grads(loss, inputs), want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)

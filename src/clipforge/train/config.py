@@ -68,8 +68,8 @@ class LossConfig:
     # metrics). None: the loss's own (contrastive 100, sigmoid no clamp).
     max_logit_scale: float | None = None
     init_bias: float = -10.0  # sigmoid only: the logit bias at the start (SigLIP's -10)
-    # Contrastive only: score this many columns of the global batch at a time (a running log-sum-exp), so
-    # no (local batch x global batch) logits matrix exists; 0 = all columns at once. Same loss and gradient.
+    # Score this many columns of the global batch at a time (contrastive: a running log-sum-exp), so no
+    # (local batch x global batch) logits matrix exists; 0 = all columns at once. Same loss and gradient.
     chunk_size: int = 0
 
     def __post_init__(self) -> None:

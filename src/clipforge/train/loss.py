@@ -142,6 +142,68 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(queries, keys, logit_scale, offset, chunk)
 
 
+class _ChunkedSigmoid(torch.autograd.Function):
+    """sum_ij -log sigmoid(y_ij (s q_i . k_j + b)) / B over blocks of keys; y = +1 at (i, offset + i), else -1.
+
+    d loss / d logit = sigmoid(logit) - [y = +1], divided by B; the backward recomputes each block from it,
+    so only (B x chunk) logits ever exist.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, keys, logit_scale, logit_bias, offset: int | None, chunk: int):
+        scale, total = logit_scale.exp(), queries.new_zeros(())
+        for start in range(0, keys.shape[0], chunk):
+            logits = scale * queries @ keys[start : start + chunk].t() + logit_bias
+            total = total + F.softplus(logits).sum()  # -log sigmoid(-z) for every pair, as if unmatched
+        if offset is not None:  # the matched pairs: -log sigmoid(z) = softplus(z) - z
+            total = (
+                total
+                - (scale * (queries * keys[offset : offset + queries.shape[0]]).sum(1) + logit_bias).sum()
+            )
+        ctx.save_for_backward(queries, keys, logit_scale, logit_bias)
+        ctx.offset, ctx.chunk = offset, chunk
+        return total / queries.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        queries, keys, logit_scale, logit_bias = ctx.saved_tensors
+        scale, rows = logit_scale.exp(), torch.arange(queries.shape[0], device=queries.device)
+        d_queries, d_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+        d_scale, d_bias = torch.zeros_like(logit_scale), torch.zeros_like(logit_bias)
+        for start in range(0, keys.shape[0], ctx.chunk):
+            block = keys[start : start + ctx.chunk]
+            cosines = queries @ block.t()
+            d_logits = torch.sigmoid(scale * cosines + logit_bias)
+            if ctx.offset is not None:
+                labels = rows + ctx.offset
+                hit = (labels >= start) & (labels < start + block.shape[0])
+                d_logits[rows[hit], labels[hit] - start] -= 1.0
+            d_logits *= grad / queries.shape[0]
+            d_queries += scale * d_logits @ block
+            d_keys[start : start + block.shape[0]] = scale * d_logits.t() @ queries
+            d_scale += (d_logits * cosines).sum()
+            d_bias += d_logits.sum()
+        return d_queries, d_keys, d_scale * scale, d_bias, None, None
+
+
+def chunked_sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    offset: int | None,
+    chunk: int,
+) -> torch.Tensor:
+    """`sigmoid_loss`, computed `chunk` texts at a time in the forward and the backward pass, with the exact
+    gradient: memory O(B x chunk) instead of O(B x M)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of columns, got {chunk}")
+    if offset is not None and (offset < 0 or offset + image_features.shape[0] > text_features.shape[0]):
+        end = offset + image_features.shape[0]
+        raise ValueError(f"labels {offset}..{end - 1} are outside the {text_features.shape[0]} texts")
+    return _ChunkedSigmoid.apply(image_features, text_features, logit_scale, logit_bias, offset, chunk)
+
+
 def _gathered(local: torch.Tensor, world: int) -> torch.Tensor:
     """All processes' rows in rank order; a clear error if the process group does not match `world`."""
     gathered = gather_with_grad(local) if world > 1 else local
@@ -207,7 +269,7 @@ class BatchLoss:
     """
 
     name: str = "contrastive"  # "contrastive" or "sigmoid" (`loss.name`)
-    chunk: int = 0  # contrastive: stream over this many columns at a time; 0 = all at once
+    chunk: int = 0  # stream over this many columns of the global batch at a time; 0 = all at once
 
     def __call__(
         self,
@@ -226,7 +288,13 @@ class BatchLoss:
         if self.name == "sigmoid":
             if logit_bias is None:
                 raise ValueError("the sigmoid loss needs the model's logit_bias (loss.name = 'sigmoid')")
-            loss = sigmoid_loss(image_features, all_texts, logit_scale, logit_bias, offset=offset)
+            loss = (
+                sigmoid_loss(image_features, all_texts, logit_scale, logit_bias, offset=offset)
+                if self.chunk <= 0
+                else chunked_sigmoid_loss(
+                    image_features, all_texts, logit_scale, logit_bias, offset, self.chunk
+                )
+            )
         else:
             loss = self._contrastive(image_features, text_features, all_texts, logit_scale, offset)
         return loss * (rows * len(counts) / sum(counts))
