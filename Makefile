@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,apps,interop]'
 	touch $@
 
 # Built afresh whenever the floors change, so nothing newer lingers from an earlier install. torch comes
@@ -29,7 +29,7 @@ $(FLOORS)/.installed: pyproject.toml .ci/floors.py
 	$(FLOORS)/bin/pip install -q --upgrade pip
 	$(FLOORS)/bin/python .ci/floors.py pyproject.toml > $(FLOORS)/constraints.txt
 	$(FLOORS)/bin/pip install -q -c $(FLOORS)/constraints.txt $(TORCH)
-	$(FLOORS)/bin/pip install -q -c $(FLOORS)/constraints.txt --build-constraint $(FLOORS)/constraints.txt -e '.[dev]'
+	$(FLOORS)/bin/pip install -q -c $(FLOORS)/constraints.txt --build-constraint $(FLOORS)/constraints.txt -e '.[dev,apps,interop]'
 	touch $@
 
 setup: $(VENV)/.installed
