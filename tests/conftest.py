@@ -14,8 +14,10 @@ import io
 import json
 import math
 import os
+import socket
 import struct
 import tarfile
+import time
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
 from clipforge.configs import apply_overrides
@@ -359,3 +362,33 @@ def tiny_config(out_dir: Path, tokenizer_dir: Path, *extra: str) -> TrainConfig:
         "--run.progress", "false", "--run.checkpoint_every", "4", "--run.keep_checkpoints", "5",
     ]  # fmt: skip
     return apply_overrides(TrainConfig(), [*args, *extra])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes: gloo on 127.0.0.1, bounded in time
+# ----------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(target, count: int, args: tuple, timeout: float) -> None:
+    """Run `target(rank, *args)` in `count` spawned processes and wait for all; fail if any fails or they
+    are not done within `timeout` seconds together (the stragglers are killed, never left behind)."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, *args)) for rank in range(count)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * count, f"worker exit codes {codes}: a process failed or ran past {timeout} s"
