@@ -331,8 +331,18 @@ def test_a_vocabulary_that_is_not_its_merges_is_refused(written):
 
 
 def test_eos_token_other_than_the_end_token_is_refused(written):
+    edit_config(written, lambda c: c["text_config"].update(eos_token_id=2))  # transformers: the argmax
+    assert read_hf(written)[2] is not None
     edit_config(written, lambda c: c["text_config"].update(eos_token_id=5))
     with pytest.raises(CheckpointError, match=r"'text_config\.eos_token_id' is 5"):
+        read_hf(written)
+
+
+def test_a_vocabulary_without_its_merges_is_refused(written):
+    (written / "merges.txt").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"needs both vocab\.json and merges\.txt; merges\.txt is absent"
+    ):
         read_hf(written)
 
 

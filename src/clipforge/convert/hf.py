@@ -269,6 +269,8 @@ def write_hf(model: CLIP, tokenizer: ClipTokenizer | None, dst: str | os.PathLik
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False)
             (tmp / name).write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+        for path in tmp.iterdir():  # on disk before the rename makes the directory visible
+            _fsync(path)
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,17 +292,22 @@ def _check_replaceable(target: Path) -> None:
         return
     if not target.is_dir():
         raise CheckpointError(f"cannot write to {target}: it exists and is not a directory")
+    if not any(target.iterdir()):
+        return
     config = target / CONFIG_FILE
-    is_clip = (
-        config.is_file()
-        and (c := read_json(config))
-        and isinstance(c, dict)
-        and c.get("model_type") == "clip"
-    )
-    if any(target.iterdir()) and not is_clip:
+    meta = read_json(config) if config.is_file() else None
+    if not (isinstance(meta, dict) and meta.get("model_type") == "clip"):
         raise CheckpointError(
             f"cannot write to {target}: a non-empty directory that is not a CLIPModel directory"
         )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
