@@ -183,7 +183,7 @@ def _read_native(directory: Path, tensors: bool) -> Weights:
             f"{directory} is a directory without {native.CONFIG_FILE}: not a clipforge save"
         )
     ckpt = native.read_native(directory, tensors)
-    return Weights(ckpt.state_dict, ckpt.config, ckpt.tokenizer_dir)
+    return Weights(ckpt.state_dict, ckpt.config, ckpt.tokenizer_dir, format="clipforge directory")
 
 
 def load_into(model: CLIP, weights: Weights, source: PathLike) -> None:

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `clipforge --help` lists them.
-SUBCOMMANDS = ["models", "tokenizer", "train", "eval", "embed", "index", "search", "serve"]
+SUBCOMMANDS = ["models", "tokenizer", "train", "eval", "convert", "embed", "index", "search", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,436 @@
+"""OpenCLIP interop: its model configs, checkpoints and hub directories, and parity with open_clip itself.
+
+The parity tests run open_clip in the side environment `.venv-ref` (`make setup-ref`), found through
+CLIPFORGE_REF_PYTHON, by subprocess (scripts/openclip_reference.py): clipforge writes, open_clip loads and
+encodes; open_clip writes, clipforge loads and encodes. Without the variable they skip; in CI they fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import clipforge.tokenizer
+from clipforge.checkpoints import CheckpointError, load, load_model, registry, save
+from clipforge.checkpoints.openai import infer_config
+from clipforge.convert import convert, openclip
+from clipforge.models import CLIPConfig, create_model
+from clipforge.models.config import MODEL_CONFIGS, PAPER_MODELS
+from clipforge.transforms import OPENAI_MEAN
+from conftest import rounding_budget, rounding_tolerance
+
+REPO = Path(__file__).resolve().parent.parent
+OPENCLIP_NAMES = [n for n in MODEL_CONFIGS if n.startswith(openclip.PREFIX)]
+
+# Two tiny ViTs in OpenCLIP's config language: GELU with 32-wide heads (2 per tower), and QuickGELU with
+# 64-wide heads (OpenAI's rule, so OpenAI's build_model reads it too). A short context and vocabulary keep
+# them small; nothing in the code depends on 77 or 49,408.
+TINY_CFGS = {
+    "gelu": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 300, "width": 64, "heads": 2, "layers": 2},
+    },
+    "quickgelu": {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 300, "width": 64, "heads": 1, "layers": 2},
+    },
+}
+
+
+def tiny_config(kind: str) -> CLIPConfig:
+    return openclip.config_from_openclip(TINY_CFGS[kind])
+
+
+def randomized(config: CLIPConfig, seed: int = 0) -> torch.nn.Module:
+    """A seeded model whose LayerNorms are not (1, 0), so a swapped weight and bias would show."""
+    torch.manual_seed(seed)
+    model = create_model(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def batches(config: CLIPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """4 images and 4 texts: random ids, the end token (the largest id) at different places, zeros after."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, config.vision.image_size, config.vision.image_size, generator=g)
+    length, eot = config.text.context_length, config.text.vocab_size - 1
+    tokens = torch.randint(1, eot, (4, length), generator=g)
+    for row, end in enumerate((3, 7, 11, length - 1)):
+        tokens[row, end] = eot
+        tokens[row, end + 1 :] = 0
+    return images, tokens
+
+
+def features(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {"image": model.encode_image(images), "text": model.encode_text(tokens)}
+
+
+def assert_close(got: dict, want: dict, config: CLIPConfig) -> None:
+    for tower, key in (("image", "image"), ("text", "text")):
+        tol = rounding_tolerance(want[key], *rounding_budget(config, tower))
+        diff = (got[key] - want[key]).abs().max().item()
+        assert diff <= tol, f"{key}: {diff:.2e} > {tol:.2e}"
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---- model configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*OPENCLIP_NAMES, *PAPER_MODELS, "ViT-Micro-16-32", "RN-Tiny-64"])
+def test_configs_cross_to_openclip_and_back(name):
+    config = MODEL_CONFIGS[name]
+    cfg = json.loads(json.dumps(openclip.config_to_openclip(config)))
+    assert openclip.config_from_openclip(cfg) == config
+
+
+def test_published_shapes_and_names():
+    # OpenCLIP's published ViT-H-14: head width 80 (16 heads of 1280), GELU, 986,109,441 parameters.
+    h14 = openclip.config_from_openclip(
+        {
+            "embed_dim": 1024,
+            "vision_cfg": {
+                "image_size": 224,
+                "layers": 32,
+                "width": 1280,
+                "head_width": 80,
+                "patch_size": 14,
+            },
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+        }
+    )
+    assert h14 == MODEL_CONFIGS["openclip/ViT-H-14"] and h14.activation == "gelu"
+    assert MODEL_CONFIGS["openclip/ViT-B-32-quickgelu"] == MODEL_CONFIGS["ViT-B-32"]  # OpenAI's model
+    assert openclip.openclip_name(MODEL_CONFIGS["ViT-B-32"]) == "ViT-B-32-quickgelu"
+    assert openclip.openclip_name(MODEL_CONFIGS["RN50"]) == "RN50-quickgelu"
+    assert openclip.openclip_name(MODEL_CONFIGS["openclip/ViT-bigG-14"]) == "ViT-bigG-14"
+    assert openclip.openclip_name(tiny_config("gelu")) is None
+    with torch.device("meta"):
+        assert sum(p.numel() for p in create_model("openclip/ViT-H-14").parameters()) == 986_109_441
+
+
+def test_shape_inference_finds_openclip_head_counts():
+    # ViT-g-14's 16 heads of 88 are not OpenAI's 64-wide rule (22); its stated MLP ratio 4.3637 is not
+    # what the shapes give (6144 / 1408): the registered config is still found, QuickGELU assumed.
+    with torch.device("meta"):
+        sd = create_model("openclip/ViT-g-14").state_dict()
+    inferred = infer_config(sd)
+    assert inferred.vision.heads == 16 and inferred.vision.mlp_ratio == 4.3637
+    assert dataclasses.replace(inferred, activation="gelu") == MODEL_CONFIGS["openclip/ViT-g-14"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["vision_cfg"].update(ls_init_value=1e-5), r"'vision_cfg\.ls_init_value' = 1e-05 builds"),
+        (lambda c: c.update(custom_text=True), r"'custom_text' = true builds a network"),
+        (lambda c: c["text_cfg"].update(hf_model_name="roberta-base"), r"'text_cfg\.hf_model_name'"),
+        (lambda c: c["vision_cfg"].update(timm_model_name="convnext_base"), r"vision_cfg\.timm_model_name"),
+        (lambda c: c["text_cfg"].update(pool_type="last"), r"'text_cfg\.pool_type' = \"last\""),
+        (lambda c: c.update(frobnicate=1), r"'frobnicate' is not supported"),
+        (lambda c: c["vision_cfg"].update(width="64"), r"'vision_cfg\.width' must be a positive integer"),
+        (lambda c: c["text_cfg"].update(heads=3), r"refuses: field 'text\.heads' \(3\) must divide"),
+        (lambda c: c.update(quick_gelu="yes"), r"'quick_gelu' must be true or false"),
+    ],
+)
+def test_configs_clipforge_cannot_build_are_refused_by_name(edit, message):
+    cfg = json.loads(json.dumps(TINY_CFGS["gelu"]))
+    edit(cfg)
+    with pytest.raises(CheckpointError, match=f"where.json: .*{message}"):
+        openclip.config_from_openclip(cfg, "where.json")
+
+
+def test_neutral_options_are_accepted():
+    cfg = json.loads(json.dumps(TINY_CFGS["gelu"]))
+    cfg["vision_cfg"].update(patch_dropout=0.5, ls_init_value=None, pool_type="tok")
+    cfg["text_cfg"].update(pad_id=0, hf_tokenizer_name=None)
+    cfg.update(init_logit_scale=2.6, cast_dtype="bf16", init_logit_bias=-10.0)
+    assert openclip.config_from_openclip(cfg) == dataclasses.replace(tiny_config("gelu"), logit_bias=True)
+
+
+# ---- files: checkpoints and hub directories -----------------------------------------------------------
+
+
+def test_training_checkpoint_with_params_txt(tmp_path):
+    # open_clip_train's layout: the run's params.txt names the architecture (GELU: not guessable).
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "params.txt").write_text("batch_size: 256\nmodel: ViT-H-14\nprecision: amp\n")
+    ckpt = tmp_path / "run" / "checkpoints" / "epoch_3.pt"
+    config, note = openclip.checkpoint_config({"epoch": 3, "state_dict": {}}, ckpt)
+    assert config == MODEL_CONFIGS["openclip/ViT-H-14"] and note is None
+    (tmp_path / "run" / "params.txt").write_text("model: ViT-B-32\nforce_quick_gelu: True\n")
+    assert openclip.checkpoint_config({"epoch": 3, "state_dict": {}}, ckpt)[0] == MODEL_CONFIGS["ViT-B-32"]
+    (tmp_path / "run" / "params.txt").write_text("model: coca_ViT-B-32\n")
+    config, note = openclip.checkpoint_config({"epoch": 3, "state_dict": {}}, ckpt)
+    assert config is None and "'coca_ViT-B-32', which clipforge does not register" in note
+
+
+def test_training_checkpoint_is_read_safely_and_warns_about_the_activation(tmp_path):
+    model = randomized(tiny_config("quickgelu"))
+    opt = torch.optim.AdamW(model.parameters())
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    path = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "run", "state_dict": state, "optimizer": opt.state_dict()}, path)
+    with pytest.warns(UserWarning, match="QuickGELU assumed"):
+        loaded = load_model(path)
+    assert same_state(loaded, model) and loaded.config == model.config
+    gelu = randomized(tiny_config("gelu"))  # the architecture by name wins, and no warning
+    torch.save({"epoch": 1, "state_dict": gelu.state_dict()}, path)
+    assert same_state(load_model(tiny_config("gelu"), pretrained=path), gelu)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "quickgelu"])
+@pytest.mark.parametrize("layout", ["checkpoint", "hub", "hub-bin"])
+def test_clipforge_openclip_clipforge_is_exact(tmp_path, kind, layout):
+    model = randomized(tiny_config(kind))
+    if layout == "checkpoint":
+        path = tmp_path / "model.pt"
+        openclip.write_checkpoint(model, path)
+    else:
+        path = tmp_path / "hub"
+        path.mkdir()
+        openclip.write_hub(model, path)
+        if layout == "hub-bin":  # OpenCLIP's older pickled weights file
+            sd = load_model(path).state_dict()
+            (path / openclip.SAFETENSORS_FILE).unlink()
+            torch.save(sd, path / "open_clip_pytorch_model.bin")
+    loaded = load_model(path)  # the activation and head counts come with the file
+    assert loaded.config == model.config and same_state(loaded, model)
+
+
+def test_hub_directory_preprocessing_is_followed(tmp_path, monkeypatch):
+    model = randomized(tiny_config("gelu"))
+    openclip.write_hub(model, tmp_path)
+    meta = json.loads((tmp_path / openclip.CONFIG_FILE).read_text())
+    assert meta["preprocess_cfg"]["mean"] == list(OPENAI_MEAN)
+    meta["preprocess_cfg"].update(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])  # OpenCLIP's ViT-L-14 laion2b
+    (tmp_path / openclip.CONFIG_FILE).write_text(json.dumps(meta))
+    monkeypatch.setattr(clipforge.tokenizer, "get_tokenizer", stub_tokenizer)
+    _, preprocess, _ = load(tmp_path)
+    assert [float(x) for x in (*preprocess.mean, *preprocess.std)] == [0.5] * 6
+    meta["preprocess_cfg"]["std"] = [0.5, 0.0, 0.5]
+    (tmp_path / openclip.CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"'preprocess_cfg\.std' must be 3 numbers \(std above 0\)"):
+        load_model(tmp_path)
+
+
+def stub_tokenizer(path=None, context_length=None):  # OpenAI's vocabulary is not needed here
+    return SimpleNamespace(vocab_size=300, path=path, context_length=context_length)
+
+
+def test_bad_hub_directories_are_named(tmp_path):
+    (tmp_path / openclip.CONFIG_FILE).write_text(json.dumps({"model_cfg": TINY_CFGS["gelu"]}))
+    with pytest.raises(CheckpointError, match=f"{tmp_path} has open_clip_config.json but no weights"):
+        load_model(tmp_path)
+    (tmp_path / openclip.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"cannot read {tmp_path / openclip.CONFIG_FILE}"):
+        load_model(tmp_path)
+    (tmp_path / openclip.CONFIG_FILE).write_text(" " * (openclip.MAX_JSON_BYTES + 1))
+    with pytest.raises(CheckpointError, match="not an OpenCLIP config"):
+        load_model(tmp_path)
+
+
+def test_a_directory_nothing_recognizes_is_named(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a directory without config.json or open_clip"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'config.json'} is not a clipforge config"):
+        load_model(tmp_path)
+
+
+# ---- pretrained names ---------------------------------------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(base URL, served directory) of an HTTP server on 127.0.0.1, shut down after the test."""
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root)
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def test_openclip_pretrained_names_download_verify_and_load(served, tmp_path, monkeypatch):
+    base, root = served
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    model = randomized(tiny_config("gelu"))
+    from safetensors.torch import save_file
+
+    save_file(openclip.state_dict_of(model), root / "open_clip_model.safetensors")
+    digest = hashlib.sha256((root / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setitem(MODEL_CONFIGS, "openclip/Tiny", tiny_config("gelu"))
+    weights = registry.PretrainedWeights(
+        f"{base}/open_clip_model.safetensors",
+        digest,
+        architecture="openclip/Tiny",
+        cache_name="tiny.safetensors",
+    )
+    monkeypatch.setitem(registry.OPENCLIP_PRETRAINED, "openclip/Tiny:web", weights)
+    assert "openclip/Tiny:web" in registry.available_pretrained()
+    assert same_state(load_model("openclip/Tiny:web"), model)  # the GELU architecture comes from the name
+    assert same_state(load_model("openclip/Tiny", pretrained="web"), model)  # OpenCLIP's (name, tag) pair
+    assert (tmp_path / "cache" / "weights" / "tiny.safetensors").is_file()
+    wrong = dataclasses.replace(weights, sha256="0" * 64, cache_name="other.safetensors")
+    monkeypatch.setitem(registry.OPENCLIP_PRETRAINED, "openclip/Tiny:web", wrong)
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_model("openclip/Tiny:web")
+    assert not (tmp_path / "cache" / "weights" / "other.safetensors").exists()
+
+
+def test_the_registered_openclip_weights():
+    for name, weights in registry.OPENCLIP_PRETRAINED.items():
+        arch, tag = name.split(":")
+        assert weights.architecture == arch and arch in MODEL_CONFIGS and tag
+        assert len(weights.sha256) == 64 and int(weights.sha256, 16) >= 0
+        assert weights.url.startswith("https://huggingface.co/") and "/resolve/" in weights.url
+        assert "/resolve/main/" not in weights.url  # pinned to a revision: the bytes cannot change
+        assert weights.filename.endswith(".safetensors")
+
+
+# ---- parity with open_clip ----------------------------------------------------------------------------
+
+
+def _ref_python() -> str:
+    path = os.environ.get("CLIPFORGE_REF_PYTHON", "")
+    if path and Path(path).is_file():
+        return path
+    message = (
+        "CLIPFORGE_REF_PYTHON is not set to a python with open_clip_torch (make setup-ref builds .venv-ref)"
+    )
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(message + " [required in CI]", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """One run of scripts/openclip_reference.py over every case. "ours": {case: clipforge's side (a model
+    and its features, or the path open_clip writes to)}, "theirs": {case: open_clip's features or config}."""
+    python = _ref_python()
+    tmp = tmp_path_factory.mktemp("parity")
+    images, tokens = batches(tiny_config("gelu"))  # both tiny configs take the same input shapes
+    torch.save(images, tmp / "images.pt")
+    torch.save(tokens, tmp / "tokens.pt")
+    cases, ours = [], {}
+    for seed, kind in enumerate(TINY_CFGS):
+        model = randomized(tiny_config(kind), seed=seed)
+        save(model, tmp / f"{kind}-src")
+        convert(tmp / f"{kind}-src", tmp / f"{kind}.pt", "openclip")
+        convert(tmp / f"{kind}-src", tmp / f"{kind}-hub", "openclip", hub=True)
+        want = features(model, images, tokens)
+        for layout, path in (("checkpoint", tmp / f"{kind}.pt"), ("hub", tmp / f"{kind}-hub")):
+            name = f"clipforge->{layout}-{kind}"
+            cases.append({"load": layout, "path": str(path), "model_cfg": TINY_CFGS[kind], "name": name})
+            ours[name] = (model, want)
+        for make in ("checkpoint", "hub", "hub-bin"):
+            name = f"{make}->clipforge-{kind}"
+            path = tmp / name / "checkpoints" / "epoch_1.pt" if make == "checkpoint" else tmp / name
+            cases.append(
+                {"make": make, "model_cfg": TINY_CFGS[kind], "path": str(path), "seed": 7, "name": name}
+            )
+            ours[name] = (path, None)
+    convert(tmp / "quickgelu-src", tmp / "openai.pt", "openai")
+    cases.append({"load": "openai", "path": str(tmp / "openai.pt"), "name": "clipforge->openai"})
+    ours["clipforge->openai"] = ours["clipforge->checkpoint-quickgelu"]
+    cases += [{"config": name[len(openclip.PREFIX) :], "name": name} for name in OPENCLIP_NAMES]
+    for i, case in enumerate(cases):
+        case["out"] = str(tmp / f"case-{i}.out")
+    job = {"images": str(tmp / "images.pt"), "tokens": str(tmp / "tokens.pt"), "cases": cases}
+    (tmp / "job.json").write_text(json.dumps(job))
+    script = REPO / "scripts" / "openclip_reference.py"
+    done = subprocess.run(
+        [python, str(script), str(tmp / "job.json")], capture_output=True, text=True, timeout=300, cwd=tmp
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = {}
+    for case in cases:
+        out = Path(case["out"])
+        theirs[case["name"]] = (
+            json.loads(out.read_text()) if "config" in case else torch.load(out, weights_only=True)
+        )
+    return {"ours": ours, "theirs": theirs, "images": images, "tokens": tokens}
+
+
+@pytest.mark.parametrize("name", OPENCLIP_NAMES)
+def test_registered_configs_are_openclips(parity, name):
+    published = parity["theirs"][name]
+    assert openclip.config_from_openclip(published) == MODEL_CONFIGS[name]
+
+
+@pytest.mark.parametrize("kind", list(TINY_CFGS))
+@pytest.mark.parametrize("layout", ["checkpoint", "hub"])
+def test_open_clip_computes_what_clipforge_wrote(parity, kind, layout):
+    model, want = parity["ours"][f"clipforge->{layout}-{kind}"]
+    theirs = parity["theirs"][f"clipforge->{layout}-{kind}"]
+    assert_close(theirs, want, model.config)
+    assert torch.equal(theirs["logit_scale"], model.logit_scale.detach())
+
+
+def test_openais_build_model_computes_what_clipforge_wrote(parity):
+    model, want = parity["ours"]["clipforge->openai"]
+    assert_close(parity["theirs"]["clipforge->openai"], want, model.config)
+
+
+@pytest.mark.parametrize("kind", list(TINY_CFGS))
+@pytest.mark.parametrize("make", ["checkpoint", "hub", "hub-bin"])
+def test_clipforge_computes_what_open_clip_wrote(parity, kind, make):
+    path, _ = parity["ours"][f"{make}->clipforge-{kind}"]
+    config = tiny_config(kind)
+    if make == "checkpoint" and kind == "gelu":  # params.txt names an architecture clipforge lacks
+        model = load_model(config, pretrained=path)
+    elif make == "checkpoint":  # QuickGELU and 64-wide heads: the shapes tell it all
+        with pytest.warns(UserWarning, match="QuickGELU assumed"):
+            model = load_model(path)
+    else:
+        model = load_model(path)
+    assert model.config == config
+    theirs = parity["theirs"][f"{make}->clipforge-{kind}"]
+    ours = features(model, parity["images"], parity["tokens"])
+    assert_close(ours, theirs, config)
+    assert torch.equal(model.logit_scale.detach(), theirs["logit_scale"])
+
+
+def test_the_parity_checks_would_catch_a_wrong_activation(parity):
+    # The same weights with QuickGELU in place of GELU move the features far outside the tolerance.
+    model, want = parity["ours"]["clipforge->checkpoint-gelu"]
+    swapped = create_model(dataclasses.replace(model.config, activation="quick_gelu")).eval()
+    swapped.load_state_dict(model.state_dict())
+    got = features(swapped, parity["images"], parity["tokens"])
+    for key in ("image", "text"):
+        tol = rounding_tolerance(want[key], *rounding_budget(model.config, key))
+        assert (got[key] - want[key]).abs().max().item() > 100 * tol
