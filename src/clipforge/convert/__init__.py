@@ -100,6 +100,10 @@ def _check_target(target: Path, to: str, hub: bool, overwrite: bool) -> Path:
             raise CheckpointError(f"{target} is a directory: a {to} file cannot replace it")
         if not is_file and not target.is_dir():
             raise CheckpointError(f"{target} is a file: the {to} output is a directory")
+        if hub and any(target.iterdir()) and not (target / "open_clip_config.json").is_file():
+            raise CheckpointError(
+                f"cannot replace {target}: a non-empty directory, not an OpenCLIP hub directory"
+            )
     return target
 
 
