@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A second venv with every other dependency at the floor pyproject.toml declares: the floors are tested.
 FLOORS := .venv-floors
+# A side venv with open_clip for the OpenCLIP parity tests (open_clip needs torchvision, which does not
+# install beside the CPU build of torch 2.13); tests/test_convert_openclip.py runs it by subprocess.
+REF := .venv-ref
+export CLIPFORGE_REF_PYTHON ?= $(abspath $(REF)/bin/python)
 
 # OpenAI's BPE merges are never committed; use the shared copy when it is there (see docs/tokenizer.md).
 SHARED_BPE := $(abspath ../shared/assets/bpe_simple_vocab_16e6.txt.gz)
@@ -12,7 +16,7 @@ ifneq ($(wildcard $(SHARED_BPE)),)
 export CLIPFORGE_BPE_PATH ?= $(SHARED_BPE)
 endif
 
-.PHONY: setup setup-floors test lint demo pictext
+.PHONY: setup setup-floors setup-ref test lint demo pictext
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,8 +40,16 @@ setup: $(VENV)/.installed
 
 setup-floors: $(FLOORS)/.installed
 
+$(REF)/.installed:
+	rm -rf $(REF)
+	$(PY) -m venv $(REF)
+	$(REF)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 'setuptools<80'
+	touch $@
+
+setup-ref: $(REF)/.installed
+
 # The suite with the current releases, then again at the floors; either failing fails the target.
-test: setup setup-floors
+test: setup setup-floors setup-ref
 	@$(BIN)/python -m pytest; current=$$?; \
 	echo "--- the same suite at the dependency floors ($(FLOORS): $(TORCH) + $(FLOORS)/constraints.txt)"; \
 	$(FLOORS)/bin/python -m pytest; floors=$$?; \
