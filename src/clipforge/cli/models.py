@@ -15,9 +15,10 @@ def run(args: argparse.Namespace) -> int:
 
     from clipforge.models import available_models, create_model
 
+    width = max(map(len, available_models()))
     for name in available_models():
         with torch.device("meta"):
             model = create_model(name)
         n = sum(p.numel() for p in model.parameters())
-        print(f"{name:16s} {n:>13,d} parameters  image {model.config.vision.image_size}px")
+        print(f"{name:{width}s} {n:>13,d} parameters  image {model.config.vision.image_size}px")
     return 0

@@ -45,10 +45,9 @@ def incompatibilities(config: CLIPConfig) -> list[str]:
 
 def write_openai(model: Any, path: Path, safetensors: bool = False) -> None:
     """The model's state dict as a torch.save file of plain tensors (or a safetensors file)."""
-    tensors = {
-        k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous().clone()
-        for k, v in model.state_dict().items()
-    }
+    from clipforge.convert.openclip import state_dict_of
+
+    tensors = state_dict_of(model, torch.float32)
     if safetensors:
         from safetensors.torch import save_file
 
