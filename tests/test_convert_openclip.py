@@ -252,6 +252,21 @@ def test_bad_hub_directories_are_named(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.needs_openai_bpe  # the transformers directory is written with OpenAI's tokenizer files
+def test_directories_are_recognized_by_content(tmp_path):
+    from clipforge.checkpoints import read_weights
+    from clipforge.convert.hf import write_hf
+
+    model = randomized(dataclasses.replace(MODEL_CONFIGS["ViT-Micro-16-32"], activation="gelu"))
+    write_hf(model, None, tmp_path / "both")
+    hf_weights = tmp_path / "both" / "model.safetensors"
+    assert read_weights(hf_weights).format == "transformers CLIPModel directory"
+    assert same_state(load_model(hf_weights), model)
+    openclip.write_hub(model, tmp_path / "both")  # as on the Hub: both layouts side by side
+    assert read_weights(tmp_path / "both").format == "OpenCLIP hub directory"
+    assert same_state(load_model(tmp_path / "both"), model)
+
+
 def test_a_directory_nothing_recognizes_is_named(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match=f"{tmp_path} is a directory without config.json or open_clip"):
