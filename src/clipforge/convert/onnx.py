@@ -19,7 +19,9 @@ as one op) to 20, the newest the TorchScript exporter writes.
 
 `fp16=True` stores weights and computes in float16 while the interface stays float32 (a cast after the
 input, one before the output), so the same code runs either file; LayerNorms compute in float32 inside, as
-in the PyTorch model. Export works from a copy in eval mode: the model passed in is not changed, and a
+in the PyTorch model. (In the text graph the exporter's float32 causal mask also makes attention and the
+residual stream float32; the projections into attention and the MLPs stay float16.) Export works from a
+copy in eval mode: the model passed in is not changed, and a
 `for_inference` copy exports too (same function, BatchNorms already folded).
 
 The directory is written beside `dst` under a temporary name and renamed into place once both graphs pass
