@@ -16,7 +16,7 @@ ifneq ($(wildcard $(SHARED_BPE)),)
 export CLIPFORGE_BPE_PATH ?= $(SHARED_BPE)
 endif
 
-.PHONY: setup setup-floors setup-ref test lint demo pictext
+.PHONY: setup setup-floors setup-ref test lint demo pictext browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,8 +48,12 @@ $(REF)/.installed:
 
 setup-ref: $(REF)/.installed
 
+# Debian's chromium for the serve page's browser test (Playwright drives it; no browser download). CI runs as root.
+browser:
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+
 # The suite with the current releases, then again at the floors; either failing fails the target.
-test: setup setup-floors setup-ref
+test: setup setup-floors browser setup-ref
 	@$(BIN)/python -m pytest; current=$$?; \
 	echo "--- the same suite at the dependency floors ($(FLOORS): $(TORCH) + $(FLOORS)/constraints.txt)"; \
 	$(FLOORS)/bin/python -m pytest; floors=$$?; \
