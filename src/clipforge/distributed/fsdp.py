@@ -181,7 +181,8 @@ def save_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
     directory.mkdir(parents=True, exist_ok=True)
     broadcast_buffers(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=FileSystemWriter(directory))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.save(state, storage_writer=FileSystemWriter(directory), no_dist=not _grouped())
     return directory
 
 
@@ -196,10 +197,15 @@ def load_sharded(directory: str | os.PathLike, model: nn.Module, optimizer: torc
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, storage_reader=reader, planner=_RestrictedLoadPlanner())
+        dcp.load(state, storage_reader=reader, planner=_RestrictedLoadPlanner(), no_dist=not _grouped())
     except (CheckpointException, RuntimeError, ValueError, AssertionError) as e:
         raise _load_error(directory, e) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _grouped() -> bool:
+    """Whether a process group exists (without one, DCP reads and writes as the only process)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _load_error(directory: Path, error: BaseException) -> CheckpointError:
