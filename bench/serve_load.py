@@ -28,8 +28,10 @@ from bench import machine
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "runs" / "quickstart" / "step-00000300"
 LABELS = ", ".join(
-    ["red circle", "blue square", "green triangle", "yellow star", "orange diamond", "purple circle"]
-    + ["red square", "blue star"]
+    [
+        *("red circle", "blue square", "green triangle", "yellow star"),
+        *("orange diamond", "purple circle", "red square", "blue star"),
+    ]
 )
 
 
