@@ -102,7 +102,8 @@ def sweep(
             measured[(micro, chunk)] = measured[(micro, 0)]  # the same step but for the loss: its growth
         for mode in modes:
             row = {"batch": batch, "micro": mode[0], "chunk": mode[1]}
-            if mode not in stopped:
+            # Once a mode is predicted not to fit, every larger batch is skipped without asking again.
+            if not stopped.get(mode):
                 stopped[mode] = _too_big(model, measured[mode], batch, max_gib)
             if stopped[mode]:
                 rows.append({**row, "skipped": stopped[mode]})

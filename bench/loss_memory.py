@@ -173,7 +173,8 @@ def main() -> None:
         print(json.dumps(measure_loss(*args.point)))
         return
     chunks = tuple(int(c) for c in args.chunks.split(","))
-    print(json.dumps(check(args.check_batch, args.dim, chunks[0])))
+    # A chunk that splits the check's columns into several blocks, the last one partial.
+    print(json.dumps(check(args.check_batch, args.dim, min(*chunks, args.check_batch // 4 + 1))))
     batches = tuple(int(b) for b in args.batches.split(","))
     rows = sweep(batches, args.dim, chunks, args.max_gib, args.threads)
     threads = torch.get_num_threads()

@@ -1,5 +1,5 @@
 """The huge batch on one machine: the step sweep (`bench.gradcache_memory`) and the loss sweep
-(`bench.loss_memory`) in one run, saved as JSON, drawn as one figure, printed as the tables of docs/scaling.md.
+(`bench.loss_memory`) in one run, saved as JSON, drawn as one figure, printed as docs/scaling.md's tables.
 
     python -m bench.scaling --threads 2 --out docs/results/scaling-memory.png
     python -m bench.scaling --from-json docs/results/scaling-memory.json --out docs/results/scaling-memory.png
@@ -36,7 +36,7 @@ def measure(args: argparse.Namespace) -> dict:
     )
     facts["load_average"].append(machine.load()[0])
     print("== loss", flush=True)
-    check = loss_memory.check(args.check_batch, args.dim, args.loss_chunks[0])
+    check = loss_memory.check(args.check_batch, args.dim, min(*args.loss_chunks, args.check_batch // 4 + 1))
     print(f"   {json.dumps(check)}", flush=True)
     losses = loss_memory.sweep(args.loss_batches, args.dim, args.loss_chunks, args.max_gib, args.threads)
     facts["load_average"].append(machine.load()[0])
@@ -54,7 +54,6 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (mem, sec) = plt.subplots(1, 2, figsize=(12, 4.8))
     steps = [r for r in result["steps"] if "skipped" not in r]
-    styles = {(0, 0): ("no cache", "C3", "o-"), "cache": ("gradient cache", "C0", "s-")}
     for mode in dict.fromkeys((r["micro"], r["chunk"]) for r in steps):
         rows = [r for r in steps if (r["micro"], r["chunk"]) == mode]
         name = f"step, {gradcache_memory.mode_name(*mode)}"
@@ -63,21 +62,19 @@ def plot(result: dict, path: Path) -> None:
         x = [r["batch"] for r in rows]
         mem.plot(x, [r["delta_mib"] / 1024 for r in rows], marker, color=color, label=name, ms=6)
         sec.plot(x, [min(r["seconds"]) for r in rows], marker, color=color, label=name, ms=6)
-    del styles
     dim = result["loss"][0]["dim"] if result["loss"] else 0
     for i, chunk in enumerate(dict.fromkeys(r["chunk"] for r in result["loss"])):
         rows = [r for r in result["loss"] if r["chunk"] == chunk]
         name = f"loss only (D={dim}), " + (f"chunk {chunk}" if chunk else "unchunked")
         ran = [r for r in rows if "skipped" not in r]
         color = f"C{4 + i}"
-        mem.plot([r["batch"] for r in ran], [r["delta_mib"] / 1024 for r in ran], "^--", color=color, label=name)
-        sec.plot([r["batch"] for r in ran], [r["seconds"] for r in ran], "^--", color=color, label=name)
-        for r in rows:
-            if "skipped" in r:
-                mem.plot([ran[-1]["batch"], r["batch"]], [ran[-1]["delta_mib"] / 1024, r["predicted_mib"] / 1024],
-                         ":", color=color)
-                mem.plot([r["batch"]], [r["predicted_mib"] / 1024], "^", mfc="none", color=color,
-                         label=f"{name}, predicted (not run)")
+        x = [r["batch"] for r in ran]
+        mem.plot(x, [r["delta_mib"] / 1024 for r in ran], "^--", color=color, label=name)
+        sec.plot(x, [r["seconds"] for r in ran], "^--", color=color, label=name)
+        for r in (r for r in rows if "skipped" in r):  # the prediction that kept it from running
+            gib = [ran[-1]["delta_mib"] / 1024, r["predicted_mib"] / 1024]
+            mem.plot([x[-1], r["batch"]], gib, ":", color=color)
+            mem.plot([r["batch"]], gib[1:], "^", mfc="none", color=color, label=f"{name}, predicted, not run")
     memory = result["facts"]["cpu"].get("memory_gib")
     if memory:
         mem.axhline(memory, color="k", lw=0.8, ls="--", label=f"the machine's memory ({memory} GiB)")
@@ -103,7 +100,7 @@ def main() -> None:
     p.add_argument("--model", default=gradcache_memory.MODEL)
     p.add_argument("--batches", default="256,512,1024,2048,4096,8192")
     p.add_argument("--micro", type=int, default=64)
-    p.add_argument("--step-chunk", type=int, default=1024, help="loss chunk of the cache at the largest batch")
+    p.add_argument("--step-chunk", type=int, default=1024, help="the cache's loss chunk at the last batch")
     p.add_argument("--steps", type=int, default=1, help="measured steps per point")
     p.add_argument("--loss-batches", default="4096,16384,32768")
     p.add_argument("--loss-chunks", default="4096,1024")
