@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `clipforge --help` lists them.
-SUBCOMMANDS = ["models", "tokenizer", "train", "eval", "convert", "embed", "index", "search", "serve"]
+SUBCOMMANDS = [
+    "models", "tokenizer", "train", "eval", "convert", "merge", "embed", "index", "search", "serve",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
