@@ -13,6 +13,7 @@ far better than the issue's 1e-5 on any CPU (the gradients' rounding differences
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -24,9 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import clipforge
 from clipforge.checkpoints.native import WEIGHTS_FILE
 from clipforge.configs import dump_toml
-from clipforge.train.checkpointing import list_checkpoints
+from clipforge.train.checkpointing import OPTIMIZER_FILE, SHARDED_DIR, list_checkpoints
 from conftest import free_port, tiny_config
 
 TIMEOUT = 240  # seconds for one launch of two processes; they take about 15 on 2 cores
@@ -148,3 +150,53 @@ def test_a_killed_two_process_run_resumes_on_two_or_one_process(tmp_path, tokeni
     for key in uninterrupted:  # the same processes doing the same sums: bit for bit
         assert torch.equal(uninterrupted[key], resumed[key]), key
     assert_same_parameters(uninterrupted, final_weights(one), atol=1e-5)
+
+
+def zeroshot_scores(run_dir: Path) -> dict[str, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(line for line in reversed(lines) if "zeroshot_top1" in line)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_matches_ddp_and_resumes_on_two_or_one_process(tmp_path, tokenizer_dir):
+    """FSDP2 through the CLI: the same parameters and zero-shot score as DDP; its sharded checkpoints carry
+    the whole model for clipforge.load and resume bit for bit on two processes, within 1e-5 on one."""
+    extra = ("--schedule.steps", "6", "--run.checkpoint_every", "2", "--eval.every", "0")
+    fsdp = ("--run.strategy", "fsdp")
+    finish(launch(recipe(tmp_path, tokenizer_dir, "ddp", *extra), 2))
+    finish(launch(recipe(tmp_path, tokenizer_dir, "fsdp", *extra, *fsdp), 2))
+    cached = recipe(tmp_path, tokenizer_dir, "fsdp-cached", *extra, *fsdp, "--data.micro_batch_size", "4")
+    finish(launch(cached, 2))
+    sharded = final_weights(tmp_path / "fsdp")
+    assert_same_parameters(final_weights(tmp_path / "ddp"), sharded, atol=1e-5)
+    assert_same_parameters(final_weights(tmp_path / "fsdp-cached"), sharded, atol=1e-5)
+    # Evaluation gathers the sharded model on rank 0: the scores are DDP's, up to 2 of 200 images.
+    ddp_scores, fsdp_scores = zeroshot_scores(tmp_path / "ddp"), zeroshot_scores(tmp_path / "fsdp")
+    for key in ("zeroshot_top1", "zeroshot_top5"):
+        assert abs(ddp_scores[key] - fsdp_scores[key]) <= 0.01, key
+    checkpoints = list_checkpoints(tmp_path / "fsdp")
+    assert all((c / SHARDED_DIR / ".metadata").is_file() for c in checkpoints)
+    assert not any((c / OPTIMIZER_FILE).exists() for c in checkpoints)
+    model, _, _ = clipforge.load(str(checkpoints[-1]))
+    assert torch.equal(model.state_dict()["visual.proj"], sharded["visual.proj"])
+    # Resume from step 2 in a run directory of its own, on two processes and on one.
+    for processes in (2, 1):
+        name = f"resumed-{processes}"
+        path = recipe(tmp_path, tokenizer_dir, name, *extra, *fsdp)
+        (tmp_path / name).mkdir()
+        subprocess.run(["cp", "-r", str(checkpoints[0]), str(tmp_path / name)], check=True)
+        finish(launch(path, processes, "--resume", "latest"))
+    resumed = final_weights(tmp_path / "resumed-2")
+    for key in sharded:  # the same processes doing the same sums: bit for bit
+        assert torch.equal(sharded[key], resumed[key]), key
+    assert_same_parameters(sharded, final_weights(tmp_path / "resumed-1"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_replicated_checkpoint_is_refused_by_a_sharded_run(tmp_path, tokenizer_dir):
+    finish(launch(recipe(tmp_path, tokenizer_dir, "ddp", "--schedule.steps", "2"), 1))
+    sharded = recipe(tmp_path, tokenizer_dir, "ddp", "--schedule.steps", "4", "--run.strategy", "fsdp")
+    process = launch(sharded, 2, "--resume", "latest")
+    out, _ = process.communicate(timeout=TIMEOUT)
+    assert process.returncode != 0
+    assert "run.strategy" in out and "replicated run" in out

@@ -6,6 +6,11 @@ A checkpoint is a directory `step-00000200/` in the run directory:
 - `trainer_state.json`: the step, the data position, the skip counts, the resolved config.
 It is assembled in a hidden temporary directory and renamed into place, so a run killed at any moment
 leaves either a whole checkpoint or none. No pickle anywhere: nothing in a checkpoint can run code.
+
+A sharded run (`run.strategy = "fsdp"`) writes the same directory with the optimizer state, and the model
+again, as a `torch.distributed.checkpoint` directory `sharded/` instead of `optimizer.safetensors`: each
+process writes its own shards, and any number of processes resumes from it (its pickled index is read
+without running code, see `distributed/fsdp.py`). The model files beside it are the gathered whole model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from clipforge.checkpoints.native import save_native
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+SHARDED_DIR = "sharded"  # a sharded run's model and optimizer state
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -90,17 +96,57 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
-    final = checkpoint_dir(run_dir, step)
-    tmp = run_dir / f".{final.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _start(run_dir, step)
     save_native(model, tmp, tokenizer=tokenizer)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, tmp / OPTIMIZER_FILE)
-    state = {**trainer_state, "step": step, "optimizer": opt_meta}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-    for path in (tmp / OPTIMIZER_FILE, tmp / STATE_FILE):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    _fsync(tmp / OPTIMIZER_FILE)
+    return _finish(tmp, run_dir, step, {**trainer_state, "optimizer": opt_meta}, keep)
+
+
+def save_sharded_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    whole: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    tokenizer: Any | None = None,
+    keep: int = 2,
+) -> Path:
+    """`save_checkpoint` for a sharded run. Collective: every process calls it, with `whole` the gathered
+    model on rank 0 (None elsewhere). Rank 0 writes the model files and the state and renames the
+    directory into place once every process has written its shards."""
+    from clipforge.distributed.fsdp import save_sharded
+    from clipforge.distributed.world import barrier, process_rank
+
+    main = process_rank() == 0
+    tmp = _partial_dir(run_dir, step)
+    if main:
+        _start(run_dir, step)
+        save_native(whole, tmp, tokenizer=tokenizer)
+    barrier()
+    save_sharded(tmp / SHARDED_DIR, model, optimizer)  # its index is written last, by rank 0
+    barrier()
+    return _finish(tmp, run_dir, step, trainer_state, keep) if main else checkpoint_dir(run_dir, step)
+
+
+def _partial_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f".{checkpoint_dir(run_dir, step).name}.partial"
+
+
+def _start(run_dir: Path, step: int) -> Path:
+    """The hidden directory a checkpoint is assembled in, cleared of an earlier attempt's leftovers."""
+    tmp = _partial_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _finish(tmp: Path, run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write the trainer state, rename the checkpoint into place, drop all but the newest `keep`."""
+    (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1) + "\n")
+    _fsync(tmp / STATE_FILE)
+    final = checkpoint_dir(run_dir, step)
     if final.exists():  # an earlier attempt of this run that got this far; replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -109,13 +155,24 @@ def save_checkpoint(
     return final
 
 
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer in place; return the trainer state (step, data position…).
 
+    A sharded checkpoint loads into a sharded model on any number of processes, or into a whole model in
+    one process; it is collective then. A replicated one loads into a whole model only.
     No random state is kept: the data is keyed by sample, and a training step seeds torch's generators
     from (run seed, step, process), so a resumed run draws what the stopped one would have drawn."""
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    tensors = load_file(path / OPTIMIZER_FILE)
     state = json.loads((path / STATE_FILE).read_text())
-    _restore_optimizer(optimizer, tensors, state["optimizer"])
+    if (path / SHARDED_DIR).is_dir():
+        from clipforge.distributed.fsdp import load_sharded
+
+        load_sharded(path / SHARDED_DIR, model, optimizer)
+        return state
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    _restore_optimizer(optimizer, load_file(path / OPTIMIZER_FILE), state["optimizer"])
     return state

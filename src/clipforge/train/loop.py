@@ -30,9 +30,14 @@ from clipforge.distributed.world import (
 )
 from clipforge.models import CLIP
 from clipforge.tokenizer import get_tokenizer
-from clipforge.train.checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from clipforge.train.checkpointing import (
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from clipforge.train.config import TrainConfig
-from clipforge.train.evaluation import make_evaluator
+from clipforge.train.evaluation import eval_set, make_evaluator
 from clipforge.train.loss import BatchLoss
 from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
 from clipforge.train.model import build_model, max_log_scale
@@ -128,18 +133,18 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)  # made last, so a failure on the way leaves nothing behind
         self.tokenizer = get_tokenizer(cfg.model.tokenizer or None)
         self.model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
-        forward, no_sync = data_parallel(
+        self.parallel = data_parallel(
             TrainingForward(self.model, cfg.run.precision), self.world, cfg.run.strategy, self.device
         )
         self.optimizer = build_optimizer(cfg, self.model)  # after sharding: FSDP2 replaces the parameters
         self.parts = StepParts(
             self.model,
             self.optimizer,
-            forward,
+            self.parallel.forward,
             BatchLoss(cfg.loss.name, cfg.loss.chunk_size),
             cfg.optim.grad_clip,
             max_log_scale(cfg.loss),
-            no_sync,
+            self.parallel.no_sync,
         )
         # The whole batch at once, or a gradient cache over micro-batches: the same update either way.
         self.step_function = step_function(cfg.data.micro_batch_size)
@@ -151,6 +156,7 @@ class Trainer:
             cfg.data, self.tokenizer, image_size, seed=cfg.run.seed, rank=w.rank, world_size=w.world_size
         )
         # One process reports: it evaluates, logs and writes the run directory.
+        self.evaluates = bool(eval_set(cfg))
         self.evaluate = make_evaluator(cfg, self.tokenizer, image_size, self.device) if w.is_main else None
         # Counters that a checkpoint carries: batches drawn (the data position), skipped samples by reason.
         self.state: dict[str, Any] = {"step": 0, "batches": 0, "skipped": {}, "last_zeroshot": {}}
@@ -280,9 +286,12 @@ class Trainer:
 
     def _maybe_evaluate(self, step: int, metrics: MetricsLog, progress: Progress) -> None:
         every, last = self.cfg.eval.every, step == self.cfg.schedule.steps
-        if self.evaluate is None or not (last or (every > 0 and step % every == 0)):
+        if not self.evaluates or not (last or (every > 0 and step % every == 0)):
             return
-        scores = self.evaluate(self.model)
+        model = self.parallel.whole_model(self.model)  # gathered on rank 0 when sharded: all take part
+        if self.evaluate is None:
+            return
+        scores = self.evaluate(model)
         self.state["last_zeroshot"] = scores
         metrics.write(step, **{f"zeroshot_{k}": v for k, v in scores.items()})
         progress.note(f"step {step}: zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
@@ -297,15 +306,15 @@ class Trainer:
             )
         trainer_state = {k: self.state[k] for k in ("batches", "skipped", "last_zeroshot")}
         trainer_state["config"] = to_dict(self.cfg)
-        if self.world.is_main:  # every process holds the same model and optimizer state
+        keep = self.cfg.run.keep_checkpoints
+        if self.parallel.sharded:  # each process writes its shards
+            whole = self.parallel.whole_model(self.model)
+            self.last_checkpoint = save_sharded_checkpoint(
+                self.run_dir, step, self.model, whole, self.optimizer, trainer_state, self.tokenizer, keep
+            )
+        elif self.world.is_main:  # every process holds the same model and optimizer state
             self.last_checkpoint = save_checkpoint(
-                self.run_dir,
-                step,
-                self.model,
-                self.optimizer,
-                trainer_state,
-                self.tokenizer,
-                self.cfg.run.keep_checkpoints,
+                self.run_dir, step, self.model, self.optimizer, trainer_state, self.tokenizer, keep
             )
         barrier()  # no process runs ahead of a checkpoint that is still being written
 

@@ -143,7 +143,7 @@ def chunked_cross_entropy(
 
 
 class _ChunkedSigmoid(torch.autograd.Function):
-    """sum_ij -log sigmoid(y_ij (s q_i . k_j + b)) / B over blocks of keys; y = +1 at (i, offset + i), else -1.
+    """sum_ij -log sigmoid(y_ij (s q_i . k_j + b)) / B over blocks of keys; y = +1 at (i, offset + i), else -1
 
     d loss / d logit = sigmoid(logit) - [y = +1], divided by B; the backward recomputes each block from it,
     so only (B x chunk) logits ever exist.

@@ -26,13 +26,14 @@ from clipforge.configs import ConfigError, invalid
 from clipforge.data.config import DataConfig
 from clipforge.data.pipeline import build_source
 from clipforge.data.webdataset import count_samples, is_local, local_path
+from clipforge.distributed.fsdp import METADATA_FILE
 from clipforge.distributed.world import World
 from clipforge.evaluate.datasets import DataSpec, read_labelled
 from clipforge.evaluate.prompts import load_prompts, load_templates
 from clipforge.models import CLIPConfig, available_models, get_config
 from clipforge.tokenizer import get_tokenizer
 from clipforge.tokenizer.core import CONFIG_FILE as TOKENIZER_CONFIG
-from clipforge.train.checkpointing import OPTIMIZER_FILE, STATE_FILE, list_checkpoints
+from clipforge.train.checkpointing import OPTIMIZER_FILE, SHARDED_DIR, STATE_FILE, list_checkpoints
 from clipforge.train.config import TrainConfig
 from clipforge.train.evaluation import eval_set
 from clipforge.train.model import model_config, temperature_settings
@@ -53,7 +54,7 @@ def validate_run(cfg: TrainConfig, resume: str = "") -> None:
     check_data(cfg.data, architecture.vision.image_size, cfg.run.seed, world.world_size)
     check_eval(cfg)
     check_out_dir(cfg.run.out_dir)
-    check_resume(cfg, resume, trained)
+    check_resume(cfg, resume, trained, world.world_size)
 
 
 def check_world() -> World:
@@ -300,8 +301,9 @@ def check_out_dir(out_dir: str) -> None:
         raise invalid("run.out_dir", out_dir, f"cannot be created: {parent} is not writable")
 
 
-def check_resume(cfg: TrainConfig, resume: str, trained: CLIPConfig) -> None:
-    """`--resume PATH` is a whole training checkpoint of this model; `latest` may find none (a fresh run)."""
+def check_resume(cfg: TrainConfig, resume: str, trained: CLIPConfig, world_size: int = 1) -> None:
+    """`--resume PATH` is a whole training checkpoint of this model; `latest` may find none (a fresh run).
+    A sharded run's checkpoint resumes anywhere; a replicated one's not into several sharded processes."""
     if not resume:
         return
     if resume == "latest":
@@ -316,9 +318,18 @@ def check_resume(cfg: TrainConfig, resume: str, trained: CLIPConfig) -> None:
             raise invalid(
                 "--resume", resume, f"{what}; expected a checkpoint directory (RUN_DIR/step-NNNNNNNN)"
             )
-    for name in (STATE_FILE, OPTIMIZER_FILE, native.CONFIG_FILE, native.WEIGHTS_FILE):
+    sharded = (path / SHARDED_DIR).is_dir()
+    optimizer = f"{SHARDED_DIR}/{METADATA_FILE}" if sharded else OPTIMIZER_FILE
+    for name in (STATE_FILE, optimizer, native.CONFIG_FILE, native.WEIGHTS_FILE):
         if not (path / name).is_file():
             raise invalid("--resume", resume, f"not a training checkpoint: {path} holds no {name}")
+    if not sharded and cfg.run.strategy == "fsdp" and world_size > 1:
+        raise invalid(
+            "run.strategy",
+            "fsdp",
+            f"the checkpoint --resume {resume} was written by a replicated run; resume it with "
+            "run.strategy = 'ddp' (on any number of processes) or in one process",
+        )
     try:
         saved = json.loads((path / STATE_FILE).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
