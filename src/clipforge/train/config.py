@@ -41,6 +41,14 @@ class ModelSection:
     # LiT: freeze a tower (no gradients, not in the optimizer, kept in eval mode); use with `pretrained`.
     lock_image: bool = False
     lock_text: bool = False
+    # With a locked tower: keep its last N residual blocks trainable, with what follows them (the final
+    # norm and the projection, or a ResNet's attention pool); 0 locks the whole tower.
+    lock_image_unlocked_blocks: int = 0
+    lock_text_unlocked_blocks: int = 0
+    # ResNet image towers: BatchNorm layers stay in eval mode (running statistics frozen; gains and biases
+    # still train unless locked).
+    freeze_batchnorm: bool = False
+    image_size: int = 0  # 0: the architecture's; else pretrained positional embeddings are resized to it
 
     def __post_init__(self) -> None:
         require(bool(self.name.strip()), "model.name", self.name, "names no architecture")
@@ -48,11 +56,22 @@ class ModelSection:
         require(0.0 <= p < 1.0, "model.patch_dropout", p, "must be in [0, 1)")
         # A locked tower runs in eval mode, where patch dropout is off: refuse what would do nothing.
         require(
-            not (p > 0 and self.lock_image),
+            not (p > 0 and self.lock_image and self.lock_image_unlocked_blocks == 0),
             "model.patch_dropout",
             p,
             "has no effect with model.lock_image (a locked tower is in eval mode)",
         )
+        for tower in ("image", "text"):
+            name = f"lock_{tower}_unlocked_blocks"
+            blocks = getattr(self, name)
+            require(blocks >= 0, f"model.{name}", blocks, "must be >= 0 (0: the whole tower locked)")
+            require(
+                blocks == 0 or getattr(self, f"lock_{tower}"),
+                f"model.{name}",
+                blocks,
+                f"has no effect without model.lock_{tower} (an unlocked tower trains all its blocks)",
+            )
+        require(self.image_size >= 0, "model.image_size", self.image_size, "must be >= 0 (0: the model's)")
 
 
 @dataclass
@@ -91,6 +110,10 @@ class OptimConfig:
     beta2: float | None = None  # None: the paper's (ViT 0.98, ResNet 0.999)
     eps: float | None = None  # None: the paper's (ViT 1e-6, ResNet 1e-8)
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 disables
+    # Layer-wise lr decay, per tower: a parameter at layer i of a tower of `depth` blocks trains at
+    # lr * layer_decay**(depth - i) (embeddings i = 0, blocks 1..depth; what follows the blocks: lr).
+    # 1: off.
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         require(_finite_positive(self.lr), "optim.lr", self.lr, FINITE_POSITIVE)
@@ -102,6 +125,8 @@ class OptimConfig:
         require(self.eps is None or _finite_positive(self.eps), "optim.eps", self.eps, FINITE_POSITIVE)
         clip = self.grad_clip
         require(_finite_non_negative(clip), "optim.grad_clip", clip, FINITE_NON_NEGATIVE + " (0: off)")
+        decay = self.layer_decay
+        require(0.0 < decay <= 1.0, "optim.layer_decay", decay, "must be in (0, 1] (1: off)")
 
 
 @dataclass

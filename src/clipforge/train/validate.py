@@ -49,9 +49,12 @@ def validate_run(cfg: TrainConfig, resume: str = "") -> None:
         raise invalid("loss.init_temperature", cfg.loss.init_temperature, str(e)) from None
     check_device(cfg.run.device, cfg.run.precision)
     architecture = check_model_name(cfg)
+    check_image_size(cfg.model.image_size, architecture)
+    check_unlocked_blocks(cfg, architecture)
+    check_freeze_batchnorm(cfg.model.freeze_batchnorm, architecture)
     trained = model_config(cfg, check_tokenizer(cfg.model.tokenizer))
     check_pretrained(cfg.model.pretrained, trained)
-    check_data(cfg.data, architecture.vision.image_size, cfg.run.seed, world.world_size)
+    check_data(cfg.data, trained.vision.image_size, cfg.run.seed, world.world_size)
     check_eval(cfg)
     check_out_dir(cfg.run.out_dir)
     check_resume(cfg, resume, trained, world.world_size)
@@ -100,14 +103,53 @@ def check_model_name(cfg: TrainConfig) -> CLIPConfig:
             "model.patch_dropout", dropout, f"needs a ViT image tower; {cfg.model.name} has a ResNet"
         )
     micro = cfg.data.micro_batch_size
-    if micro > 0 and architecture.vision.kind != "vit" and not cfg.model.lock_image:
+    m = cfg.model
+    whole_lock = m.lock_image and m.lock_image_unlocked_blocks == 0
+    if micro > 0 and architecture.vision.kind != "vit" and not (whole_lock or m.freeze_batchnorm):
         # A training BatchNorm normalizes by micro-batch statistics: the cache would change the update.
         raise invalid(
             "data.micro_batch_size",
             micro,
-            f"needs a ViT image tower or model.lock_image; {cfg.model.name}'s ResNet has BatchNorms",
+            f"needs a ViT image tower, model.lock_image (whole) or model.freeze_batchnorm; "
+            f"{cfg.model.name}'s ResNet has BatchNorms",
         )
     return architecture
+
+
+def check_image_size(image_size: int, architecture: CLIPConfig) -> None:
+    """`model.image_size` (0: the architecture's) tiles into the image tower's grid."""
+    if image_size:
+        try:
+            dataclasses.replace(architecture.vision, image_size=image_size)
+        except ValueError as e:
+            raise invalid("model.image_size", image_size, str(e)) from None
+
+
+def tower_depths(architecture: CLIPConfig) -> dict[str, int]:
+    """Residual blocks per tower: transformer blocks, or a ResNet's bottlenecks over its stages."""
+    layers = architecture.vision.layers
+    image = sum(layers) if isinstance(layers, tuple) else layers
+    return {"image": image, "text": architecture.text.layers}
+
+
+def check_unlocked_blocks(cfg: TrainConfig, architecture: CLIPConfig) -> None:
+    """`model.lock_<tower>_unlocked_blocks` is at most the tower's depth (its sign and its lock are checked
+    by the config itself)."""
+    for tower, depth in tower_depths(architecture).items():
+        name = f"lock_{tower}_unlocked_blocks"
+        blocks = getattr(cfg.model, name)
+        if blocks > depth:
+            raise invalid(
+                f"model.{name}", blocks, f"more than the {depth} blocks of {cfg.model.name}'s {tower} tower"
+            )
+
+
+def check_freeze_batchnorm(freeze: bool, architecture: CLIPConfig) -> None:
+    """`model.freeze_batchnorm` needs an image tower with BatchNorm layers (a ResNet)."""
+    if freeze and architecture.vision.kind != "resnet":
+        raise invalid(
+            "model.freeze_batchnorm", freeze, f"a {architecture.vision.kind} image tower has no BatchNorm"
+        )
 
 
 def check_tokenizer(path: str) -> int:
@@ -145,10 +187,31 @@ def check_pretrained(source: str, trained: CLIPConfig) -> None:
             raise invalid("model.pretrained", source, str(e)) from None
     else:
         saved = _native_config("model.pretrained", source)
-    # The logit bias is the one tensor allowed to differ (`load_pretrained`).
-    _check_fits(
-        "model.pretrained", source, dataclasses.replace(saved, logit_bias=trained.logit_bias), trained
+    # The logit bias is the one tensor allowed to differ (`load_pretrained`), and positional embeddings
+    # are resized to the image size and a shorter context.
+    check_resizable(source, saved, trained)
+    resized = dataclasses.replace(
+        saved,
+        vision=dataclasses.replace(saved.vision, image_size=trained.vision.image_size),
+        text=dataclasses.replace(saved.text, context_length=trained.text.context_length),
+        logit_bias=trained.logit_bias,
     )
+    if resized != trained:  # described as the weights are, before resizing
+        _check_fits(
+            "model.pretrained", source, dataclasses.replace(saved, logit_bias=trained.logit_bias), trained
+        )
+
+
+def check_resizable(source: str, saved: CLIPConfig, trained: CLIPConfig) -> None:
+    """Weights start a model with another context length only if it is shorter (`models/resize.py`)."""
+    before, after = saved.text.context_length, trained.text.context_length
+    if after > before:
+        raise invalid(
+            "data.context_length",
+            after,
+            f"longer than the {before} positions of model.pretrained {source}: the text tower has no "
+            f"learned positions beyond them (use at most {before})",
+        )
 
 
 def _native_config(field: str, directory: str) -> CLIPConfig:
