@@ -69,6 +69,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=run_suite_command)
 
+    from clipforge.finetune import sweep  # WiSE-FT: its own flags and command live with it
+
+    w = tasks.add_parser("sweep", help="WiSE-FT: zero-shot accuracy of merges of two models, by alpha")
+    _model_args(w)  # --model: the zero-shot model A (alpha = 0)
+    _data_args(w, "--data", "the in-domain labelled set (--held-out is read with the same options)")
+    sweep.add_arguments(w)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +112,32 @@ def merge_state_dicts(a: StateDict, b: StateDict, alpha: float, extrapolate: boo
         source = a if alpha == 0.0 else b
         return {key: source[key].detach().clone().to(a[key].device) for key in a}
     return {key: _mix(a[key].detach(), b[key].detach(), alpha) for key in a}
+
+
+def check_same_tokenizer(tokenizer_a: Any, tokenizer_b: Any) -> None:
+    """`ValueError` when both tokenizers name their vocabulary (`identity`) and the names differ: rows of
+    the token embedding are merged one by one, so they must stand for the same tokens."""
+    id_a, id_b = getattr(tokenizer_a, "identity", None), getattr(tokenizer_b, "identity", None)
+    if id_a is not None and id_b is not None and id_a != id_b:
+        raise ValueError(f"A and B use different tokenizers ({id_a} and {id_b}): their weights do not match")
+
+
+def load_pair(a: str | os.PathLike, b: str | os.PathLike) -> tuple[nn.Module, nn.Module, Any]:
+    """(model A, model B, A's tokenizer), each read by `clipforge.load` on the CPU, refused with a
+    `ValueError` (naming which model, or the first difference) unless the two can be merged."""
+    from clipforge.checkpoints import load
+
+    loaded = []
+    for which, name_or_path in (("A", a), ("B", b)):
+        try:
+            model, _, tokenizer = load(name_or_path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model {which}: {e}") from None
+        loaded.append((model, tokenizer))
+    (model_a, tokenizer_a), (model_b, tokenizer_b) = loaded
+    check_same_config(model_a.config, model_b.config)  # before the tokenizers: the deeper difference
+    check_same_tokenizer(tokenizer_a, tokenizer_b)
+    return model_a, model_b, tokenizer_a
 
 
 @torch.no_grad()
