@@ -168,6 +168,21 @@ def test_layer_decay_runs_through_the_trainer_with_locked_blocks(tmp_path, token
     assert not unchanged(trainer, "visual.conv1.weight")
 
 
+def test_a_resumed_run_keeps_its_layer_decay(tmp_path, tokenizer_dir):
+    """The checkpoint's optimizer groups carry their lr scales: a resume may not change them."""
+    from clipforge.configs import ConfigError
+    from clipforge.train.validate import validate_run
+
+    trainer = run(tmp_path, tokenizer_dir, "--optim.layer_decay", "0.8", steps=2)
+    cfg = dataclasses.replace(trainer.cfg, optim=dataclasses.replace(trainer.cfg.optim, layer_decay=0.5))
+    with pytest.raises(ConfigError, match=r"^optim\.layer_decay = 0\.5: the checkpoint --resume latest was"):
+        validate_run(cfg, "latest")
+    resumed = Trainer(trainer.cfg, "latest")  # the same value resumes, lr scales and all
+    assert [g["lr_scale"] for g in resumed.optimizer.param_groups] == [
+        g["lr_scale"] for g in trainer.optimizer.param_groups
+    ]
+
+
 def test_without_layer_decay_the_two_groups_are_as_before(tmp_path, tokenizer_dir):
     model = build_model(tiny_config(tmp_path, tokenizer_dir), VOCAB)
     optimizer = build_optimizer(tiny_config(tmp_path, tokenizer_dir), model)

@@ -400,7 +400,18 @@ def check_resume(cfg: TrainConfig, resume: str, trained: CLIPConfig, world_size:
     _check_same("model.name", saved, cfg.model.name, resume)
     _check_same("loss.name", saved, cfg.loss.name, resume)
     _check_same("data.context_length", saved, cfg.data.context_length, resume)
+    # The optimizer's groups and their lr scales are the checkpoint's: these must not change on resume.
+    for field in ("model.image_size", "optim.layer_decay", *UNLOCKED_BLOCKS):
+        _check_same(field, saved, _value_of(cfg, field), resume)
     _check_fits("--resume", resume, _native_config("--resume", str(path)), trained)
+
+
+UNLOCKED_BLOCKS = ("model.lock_image_unlocked_blocks", "model.lock_text_unlocked_blocks")
+
+
+def _value_of(cfg: TrainConfig, field: str) -> object:
+    section, name = field.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _check_same(field: str, saved: dict, value: object, resume: str) -> None:
