@@ -23,6 +23,7 @@ import torch
 
 import clipforge.tokenizer
 from clipforge.checkpoints import CheckpointError, load, load_model, registry, save
+from clipforge.checkpoints.native import unshared_tensors
 from clipforge.checkpoints.openai import infer_config
 from clipforge.convert import convert, openclip
 from clipforge.models import CLIPConfig, create_model
@@ -306,7 +307,7 @@ def test_openclip_pretrained_names_download_verify_and_load(served, tmp_path, mo
     model = randomized(tiny_config("gelu"))
     from safetensors.torch import save_file
 
-    save_file(openclip.state_dict_of(model), root / "open_clip_model.safetensors")
+    save_file(unshared_tensors(model), root / "open_clip_model.safetensors")
     digest = hashlib.sha256((root / "open_clip_model.safetensors").read_bytes()).hexdigest()
     monkeypatch.setitem(MODEL_CONFIGS, "openclip/Tiny", tiny_config("gelu"))
     weights = registry.PretrainedWeights(

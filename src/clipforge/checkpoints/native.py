@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clipforge.atomic import write_directory
 from clipforge.checkpoints.fit import check_fits, check_tokenizer_fits
 from clipforge.checkpoints.safe_unpickle import CheckpointError
 from clipforge.checkpoints.safetensors_header import read_header
@@ -143,12 +141,15 @@ def read_native(directory: str | os.PathLike, tensors: bool = True) -> NativeChe
     return NativeCheckpoint(config, state_dict, tokenizer)
 
 
-def _unshared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors stores each tensor on its own: contiguous, no two sharing memory.
+def unshared_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors on the CPU, each contiguous and with storage of its own, as safetensors wants
+    (copied only where needed: a 2.5 B-parameter model is 10 GB in fp32); floats cast to `dtype`."""
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, value in model.state_dict().items():
         value = value.detach().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
         ptr = value.untyped_storage().data_ptr()
         if not value.is_contiguous() or ptr in seen:
             value = value.clone(memory_format=torch.contiguous_format)
@@ -157,17 +158,9 @@ def _unshared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write(directory: Path, model: nn.Module, tokenizer: Any | None) -> None:
     config: CLIPConfig = model.config
-    save_file(_unshared_tensors(model), directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    save_file(unshared_tensors(model), directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER_DIR)
     meta = {
@@ -177,9 +170,6 @@ def _write(directory: Path, model: nn.Module, tokenizer: Any | None) -> None:
         "tokenizer": {"path": TOKENIZER_DIR} if tokenizer is not None else None,
     }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    for path in directory.rglob("*"):
-        if path.is_file():
-            _fsync(path)
 
 
 def _check_replaceable(target: Path) -> None:
@@ -189,23 +179,6 @@ def _check_replaceable(target: Path) -> None:
         raise CheckpointError(f"cannot save to {target}: it exists and is not a directory")
     if any(target.iterdir()) and not is_native_dir(target):
         raise CheckpointError(f"cannot save to {target}: a non-empty directory that is not a clipforge save")
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    # Rename the finished directory into place; an older save at the target is set aside, then removed.
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)
 
 
 def save_native(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None) -> Path:
@@ -218,13 +191,5 @@ def save_native(model: nn.Module, directory: str | os.PathLike, tokenizer: Any |
     if tokenizer is not None:
         check_tokenizer_fits(model.config, tokenizer, target)
     _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        _write(tmp, model, tokenizer)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_directory(target, lambda tmp: _write(tmp, model, tokenizer))
     return target

@@ -20,12 +20,11 @@ unless `overwrite`. Files appear at `dst` complete or not at all (written beside
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from clipforge.atomic import write_directory, write_file
 
 FORMATS = ("clipforge", "openai", "openclip", "hf", "onnx")
 _FILE_SUFFIXES = {"openai": (".pt", ".pth", ".bin", ".safetensors"), "openclip": (".pt", ".pth", ".bin")}
@@ -153,62 +152,19 @@ def _write(model: Any, tokenizer: Any | None, target: Path, to: str, hub: bool, 
     elif to == "openclip" and hub:
         from clipforge.convert.openclip import write_hub
 
-        _write_directory(target, lambda tmp: write_hub(model, tmp))
+        write_directory(target, lambda tmp: write_hub(model, tmp))
     elif to == "openclip":
         from clipforge.convert.openclip import write_checkpoint
 
-        _write_file(target, lambda tmp: write_checkpoint(model, tmp))
+        write_file(target, lambda tmp: write_checkpoint(model, tmp))
     else:
         from clipforge.convert.openai import write_openai
 
         safetensors = target.suffix == ".safetensors"
-        _write_file(target, lambda tmp: write_openai(model, tmp, safetensors=safetensors))
+        write_file(target, lambda tmp: write_openai(model, tmp, safetensors=safetensors))
 
 
 def _replaceable_dir(target: Path, overwrite: bool) -> None:
     # The writers replace only their own kind of directory; an empty one is set aside here for them.
     if overwrite and target.is_dir() and not any(target.iterdir()):
         target.rmdir()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(target: Path, write: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(target.parent)
-
-
-def _write_directory(target: Path, write: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)
-        write(tmp)
-        for path in tmp.iterdir():
-            _fsync(path)
-        if target.exists():  # replaced only with overwrite (checked before): set aside, then removed
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None and not target.exists():
-            os.rename(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)

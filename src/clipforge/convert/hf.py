@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipforge.atomic import write_directory
 from clipforge.checkpoints.fit import check_tokenizer_fits, expected_tensors, listing
 from clipforge.checkpoints.native import inside
 from clipforge.checkpoints.safe_unpickle import CheckpointError, is_zip_archive, read_archive, read_legacy
@@ -261,20 +259,14 @@ def write_hf(model: CLIP, tokenizer: ClipTokenizer | None, dst: str | os.PathLik
         "preprocessor_config.json": preprocessor_config(config.vision.image_size),
         **tokenizer_files(tokenizer, config.text.context_length),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)
+
+    def write(tmp: Path) -> None:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False)
             (tmp / name).write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-        for path in tmp.iterdir():  # on disk before the rename makes the directory visible
-            _fsync(path)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(target, write)
     return target
 
 
@@ -300,26 +292,3 @@ def _check_replaceable(target: Path) -> None:
         raise CheckpointError(
             f"cannot write to {target}: a non-empty directory that is not a CLIPModel directory"
         )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    # The finished directory is renamed into place; an earlier one is set aside first, then removed.
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}") if target.exists() else None
-    if old is not None:
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -34,9 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.atomic import write_directory
 from clipforge.models.clip import CLIP
 from clipforge.models.int8 import Int8Attention, Int8Linear
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
@@ -82,13 +80,8 @@ def export_onnx(
 
     dtype = torch.float16 if fp16 else torch.float32
     work = copy.deepcopy(model).eval().requires_grad_(False).to(dtype)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as e:
-        raise OnnxExportError(f"cannot write the ONNX export to {target}: {_one_line(e)}") from e
-    try:
-        os.chmod(tmp, 0o755)
+
+    def write(tmp: Path) -> None:
         image_path, text_path = tmp / IMAGE_FILE, tmp / TEXT_FILE
         images = _example_images(work, TRACE_BATCH if image_batch_dim_dynamic else 1)
         dynamic = image_batch_dim_dynamic
@@ -98,14 +91,11 @@ def export_onnx(
             _check_graph(onnx, path)
         meta = _metadata(model, opset, fp16, image_batch_dim_dynamic)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for path in tmp.iterdir():
-            _fsync(path)
-        _swap_in(tmp, target)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise OnnxExportError(f"cannot write the ONNX export to {target}: {_one_line(e)}") from e
-        raise
+
+    try:
+        write_directory(target, write)
+    except OSError as e:
+        raise OnnxExportError(f"cannot write the ONNX export to {target}: {_one_line(e)}") from e
     return target / IMAGE_FILE, target / TEXT_FILE
 
 
@@ -268,31 +258,6 @@ def _metadata(model: CLIP, opset: int, fp16: bool, image_batch_dim_dynamic: bool
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename the finished directory into place; an earlier export there is set aside, then removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync(target.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _one_line(e: BaseException) -> str:

@@ -45,9 +45,9 @@ def incompatibilities(config: CLIPConfig) -> list[str]:
 
 def write_openai(model: Any, path: Path, safetensors: bool = False) -> None:
     """The model's state dict as a torch.save file of plain tensors (or a safetensors file)."""
-    from clipforge.convert.openclip import state_dict_of
+    from clipforge.checkpoints.native import unshared_tensors
 
-    tensors = state_dict_of(model, torch.float32)
+    tensors = unshared_tensors(model, torch.float32)
     if safetensors:
         from safetensors.torch import save_file
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from clipforge.atomic import fsync_path
 from clipforge.checkpoints.native import save_native
 
 STATE_FILE = "trainer_state.json"
@@ -100,7 +101,7 @@ def save_checkpoint(
     save_native(model, tmp, tokenizer=tokenizer)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, tmp / OPTIMIZER_FILE)
-    _fsync(tmp / OPTIMIZER_FILE)
+    fsync_path(tmp / OPTIMIZER_FILE)
     return _finish(tmp, run_dir, step, {**trainer_state, "optimizer": opt_meta}, keep)
 
 
@@ -145,7 +146,7 @@ def _start(run_dir: Path, step: int) -> Path:
 def _finish(tmp: Path, run_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
     """Write the trainer state, rename the checkpoint into place, drop all but the newest `keep`."""
     (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=1) + "\n")
-    _fsync(tmp / STATE_FILE)
+    fsync_path(tmp / STATE_FILE)
     final = checkpoint_dir(run_dir, step)
     if final.exists():  # an earlier attempt of this run that got this far; replace it whole
         shutil.rmtree(final)
@@ -153,11 +154,6 @@ def _finish(tmp: Path, run_dir: Path, step: int, trainer_state: dict[str, Any], 
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
