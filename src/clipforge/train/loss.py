@@ -10,6 +10,7 @@ the contrastive one can stream over them in blocks so that no (local x global) l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,21 +113,50 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         queries, keys, logit_scale, lse = ctx.saved_tensors
-        scale, rows = logit_scale.exp(), torch.arange(queries.shape[0], device=queries.device)
-        labels = rows + ctx.offset
-        d_queries, d_keys = torch.zeros_like(queries), torch.zeros_like(keys)
-        d_scale = torch.zeros_like(logit_scale)
-        for start in range(0, keys.shape[0], ctx.chunk):
-            block = keys[start : start + ctx.chunk]
-            cosines = queries @ block.t()
-            d_logits = (scale * cosines - lse[:, None]).exp()  # the softmax, this block's columns
-            hit = (labels >= start) & (labels < start + block.shape[0])
-            d_logits[rows[hit], labels[hit] - start] -= 1.0
-            d_logits *= grad / queries.shape[0]
-            d_queries += scale * d_logits @ block
-            d_keys[start : start + block.shape[0]] = scale * d_logits.t() @ queries
-            d_scale += (d_logits * cosines).sum()
+        scale = logit_scale.exp()
+
+        def d_logits(start: int, cosines: torch.Tensor) -> torch.Tensor:
+            softmax = (scale * cosines - lse[:, None]).exp()  # this block's columns of each row's softmax
+            return _subtract_positives(softmax, ctx.offset, start)
+
+        d_queries, d_keys, d_scale, _ = _backward_by_blocks(queries, keys, scale, ctx.chunk, grad, d_logits)
         return d_queries, d_keys, d_scale * scale, None, None  # d/d log s = s * d/ds
+
+
+def _subtract_positives(d_logits: torch.Tensor, offset: int | None, start: int) -> torch.Tensor:
+    """d_logits minus the one-hot targets that fall in the block of columns starting at `start`: row i's
+    positive is column offset + i (none when `offset` is None)."""
+    if offset is None:
+        return d_logits
+    rows = torch.arange(d_logits.shape[0], device=d_logits.device)
+    labels = rows + offset
+    hit = (labels >= start) & (labels < start + d_logits.shape[1])
+    d_logits[rows[hit], labels[hit] - start] -= 1.0
+    return d_logits
+
+
+def _backward_by_blocks(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    scale: torch.Tensor,
+    chunk: int,
+    grad: torch.Tensor,
+    d_logits_of: Callable[[int, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of a loss mean_i sum_j f(s q_i . k_j) that a chunked forward computed, a block of keys
+    at a time: `d_logits_of(start, cosines)` gives B * d loss / d logit for the block's columns. Returns
+    d queries, d keys, d s and the sum of d loss / d logit (a bias's gradient)."""
+    d_queries, d_keys = torch.zeros_like(queries), torch.zeros_like(keys)
+    d_scale, d_sum = torch.zeros_like(scale), torch.zeros_like(scale)
+    for start in range(0, keys.shape[0], chunk):
+        block = keys[start : start + chunk]
+        cosines = queries @ block.t()
+        d_logits = d_logits_of(start, cosines) * (grad / queries.shape[0])
+        d_queries += scale * d_logits @ block
+        d_keys[start : start + block.shape[0]] = scale * d_logits.t() @ queries
+        d_scale += (d_logits * cosines).sum()
+        d_sum += d_logits.sum()
+    return d_queries, d_keys, d_scale, d_sum
 
 
 def chunked_cross_entropy(
@@ -167,23 +197,15 @@ class _ChunkedSigmoid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         queries, keys, logit_scale, logit_bias = ctx.saved_tensors
-        scale, rows = logit_scale.exp(), torch.arange(queries.shape[0], device=queries.device)
-        d_queries, d_keys = torch.zeros_like(queries), torch.zeros_like(keys)
-        d_scale, d_bias = torch.zeros_like(logit_scale), torch.zeros_like(logit_bias)
-        for start in range(0, keys.shape[0], ctx.chunk):
-            block = keys[start : start + ctx.chunk]
-            cosines = queries @ block.t()
-            d_logits = torch.sigmoid(scale * cosines + logit_bias)
-            if ctx.offset is not None:
-                labels = rows + ctx.offset
-                hit = (labels >= start) & (labels < start + block.shape[0])
-                d_logits[rows[hit], labels[hit] - start] -= 1.0
-            d_logits *= grad / queries.shape[0]
-            d_queries += scale * d_logits @ block
-            d_keys[start : start + block.shape[0]] = scale * d_logits.t() @ queries
-            d_scale += (d_logits * cosines).sum()
-            d_bias += d_logits.sum()
-        return d_queries, d_keys, d_scale * scale, d_bias, None, None
+        scale = logit_scale.exp()
+
+        def d_logits(start: int, cosines: torch.Tensor) -> torch.Tensor:
+            return _subtract_positives(torch.sigmoid(scale * cosines + logit_bias), ctx.offset, start)
+
+        d_queries, d_keys, d_scale, d_bias = _backward_by_blocks(
+            queries, keys, scale, ctx.chunk, grad, d_logits
+        )
+        return d_queries, d_keys, d_scale * scale, d_bias.reshape(logit_bias.shape), None, None
 
 
 def chunked_sigmoid_loss(
