@@ -71,7 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     from clipforge.finetune import sweep  # WiSE-FT: its own flags and command live with it
 
-    w = tasks.add_parser("sweep", help="WiSE-FT: zero-shot accuracy of merges of two models, by alpha")
+    w = tasks.add_parser(
+        "sweep",
+        help="WiSE-FT: zero-shot accuracy of merges of two models, by alpha",
+        description="Merge --model (A, zero-shot) and --fine-tuned (B) in memory at each alpha and evaluate "
+        "zero-shot on --data (in-domain) and --held-out; writes sweep.json, sweep.md and sweep.png to --out "
+        "(docs/fine-tuning.md).",
+    )
     _model_args(w)  # --model: the zero-shot model A (alpha = 0)
     _data_args(w, "--data", "the in-domain labelled set (--held-out is read with the same options)")
     sweep.add_arguments(w)

@@ -17,11 +17,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from clipforge.finetune.merge import check_alpha, load_pair, merge_models
+
+if TYPE_CHECKING:
+    from clipforge.evaluate.tasks import TaskConfig, TaskResult
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 SETS = ("in_domain", "held_out")  # the keys of a point's results, in the report's order
@@ -31,11 +34,12 @@ TITLES = {"in_domain": "in-domain", "held_out": "held-out"}
 @dataclass
 class SweepPoint:
     alpha: float
-    results: dict[str, Any]  # "in_domain", "held_out" -> the evaluation's TaskResult
+    results: dict[str, TaskResult]  # "in_domain", "held_out" -> that set's evaluation
 
 
 def parse_alphas(text: str, extrapolate: bool = False) -> list[float]:
-    """ "0,0.25,1" -> [0.0, 0.25, 1.0], each checked by `check_alpha`; `ValueError` names a bad one."""
+    """The α of a comma-separated list ("0,0.25,1"), each checked by `check_alpha`; `ValueError` names a
+    bad one, an empty list or a repeated value."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise ValueError("--alphas is empty: give a comma-separated list such as 0,0.5,1")
@@ -45,7 +49,7 @@ def parse_alphas(text: str, extrapolate: bool = False) -> list[float]:
     return alphas
 
 
-def check_task(task: Any) -> None:
+def check_task(task: TaskConfig) -> None:
     """Read a zero-shot task's classes, templates and data listing (no image decoded), so a missing or
     unreadable input fails before the first model is evaluated."""
     from clipforge.evaluate.datasets import read_labelled
@@ -63,9 +67,10 @@ def _model_id(ids: tuple[str, str] | None, alpha: float, int8: bool) -> str:
 
     if ids is None:
         return ""
-    key = (
-        ids[0] if alpha == 0.0 else ids[1] if alpha == 1.0 else digest({"wise-ft": list(ids), "alpha": alpha})
-    )
+    if alpha in (0.0, 1.0):
+        key = ids[0] if alpha == 0.0 else ids[1]
+    else:
+        key = digest({"wise-ft": list(ids), "alpha": alpha})
     return f"{key}-int8" if int8 else key  # as Evaluator.load names an int8 copy
 
 
@@ -74,7 +79,7 @@ def sweep(
     model_b: nn.Module,
     tokenizer: Any,
     alphas: Sequence[float],
-    tasks: dict[str, Any],
+    tasks: dict[str, TaskConfig],
     *,
     extrapolate: bool = False,
     int8: bool = False,
@@ -105,7 +110,7 @@ def as_json(points: Sequence[SweepPoint], meta: dict[str, Any]) -> dict[str, Any
     return {**meta, "points": rows}
 
 
-def _summary(result: Any) -> dict[str, Any]:
+def _summary(result: TaskResult) -> dict[str, Any]:
     return {"metrics": result.metrics, "n": result.details["n"], "skipped": result.details["skipped"]}
 
 
@@ -195,7 +200,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_command)
 
 
-def _tasks(args: argparse.Namespace) -> dict[str, Any]:
+def _tasks(args: argparse.Namespace) -> dict[str, TaskConfig]:
     from clipforge.evaluate.tasks import TaskConfig
 
     shared = {
@@ -255,14 +260,14 @@ def run_command(args: argparse.Namespace) -> int:
         ):  # fmt: skip
             points.append(point)
             print(f"α = {point.alpha:g}: " + ", ".join(_top1(name, point) for name in SETS), flush=True)
+        meta = {"model_a": args.model, "model_b": args.fine_tuned, "int8": args.int8}
+        meta["tasks"] = {name: asdict(task) for name, task in tasks.items()}
+        paths = write_report(out, points, meta)
+        if args.json:
+            write_json(args.json, as_json(points, meta))
     except (OSError, ValueError) as e:
         print(f"clipforge eval sweep: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    meta = {"model_a": args.model, "model_b": args.fine_tuned, "int8": args.int8}
-    meta["tasks"] = {name: asdict(task) for name, task in tasks.items()}
-    paths = write_report(out, points, meta)
-    if args.json:
-        write_json(args.json, as_json(points, meta))
     print(markdown_table(points), end="")
     print("report: " + ", ".join(str(p) for p in paths))
     return 0
