@@ -113,6 +113,28 @@ def test_frozen_batchnorm_statistics_do_not_move_while_the_tower_trains(tmp_path
     assert trainer.model.visual.training and not any(m.training for m in norms)
 
 
+def test_patch_dropout_trains_with_a_partly_locked_image_tower(tmp_path, tokenizer_dir):
+    args = (
+        "--model.lock_image",
+        "true",
+        "--model.lock_image_unlocked_blocks",
+        "1",
+        "--model.patch_dropout",
+        "0.5",
+    )
+    model = build_model(tiny_config(tmp_path, tokenizer_dir, *NANO, *args), VOCAB).train()
+    assert model.visual.patch_dropout.prob == 0.5 and model.visual.patch_dropout.training
+
+
+def test_the_gradient_cache_trains_a_resnet_whose_batchnorm_is_frozen(tmp_path, tokenizer_dir):
+    from clipforge.train.validate import validate_run
+
+    args = (*RESNET, "--model.freeze_batchnorm", "true", "--data.micro_batch_size", "4")
+    validate_run(tiny_config(tmp_path / "run", tokenizer_dir, *args))
+    trainer = run(tmp_path, tokenizer_dir, *args, steps=1)
+    assert trainer.state["step"] == 1 and unchanged(trainer, "visual.bn1.running_mean")
+
+
 # ---- layer-wise learning-rate decay ----------------------------------------------------------------------
 
 
