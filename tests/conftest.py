@@ -109,20 +109,34 @@ def rounding_tolerance(reference: torch.Tensor, depth: int, terms: int) -> float
 # ----------------------------------------------------------------------------------------------------
 
 
-def randomized_model(name: str | CLIPConfig) -> torch.nn.Module:
+@torch.no_grad()
+def randomized_model(name: str | CLIPConfig, seed: int = 0, layernorms: bool = False) -> torch.nn.Module:
     """A seeded model (a registered name or a config) in eval mode whose BatchNorms are not the identity: a
     fresh ResNet's last BatchNorm of each block is zero, which zeroes every residual branch and would hide
-    errors in the convolutions."""
+    errors in the convolutions. `layernorms`: the LayerNorms' gains and biases too, so that a swapped
+    weight and bias would show."""
     from clipforge.models import create_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model(name).eval()
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
         torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
         torch.nn.init.uniform_(bn.bias, -0.2, 0.2)
+    for norm in (m for m in model.modules() if layernorms and isinstance(m, torch.nn.LayerNorm)):
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine's cores are not lost to spinning."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def stub_tokenizer(texts: list[str], context_length: int = 77, truncate: bool = True) -> torch.Tensor:

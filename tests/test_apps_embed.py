@@ -20,16 +20,10 @@ from clipforge.apps.embed import EmbedConfig, embed
 from clipforge.cli import main
 from conftest import huge_png, random_images, rounding_budget, rounding_rtol, truncated_jpeg, write_shard
 
-pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the bomb PNG
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine's cores are not lost to spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),  # the bomb PNG
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

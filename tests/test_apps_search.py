@@ -19,14 +19,7 @@ from clipforge.cli import main
 from conftest import random_images, rounding_budget, rounding_rtol, write_shard
 
 pytest.importorskip("faiss")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import torch
 from clipforge.checkpoints import load_model, save
 from clipforge.cli import main
 from clipforge.convert import openclip
-from clipforge.models import create_model
 from clipforge.models.config import MODEL_CONFIGS
 from clipforge.tokenizer import train_tokenizer
+from conftest import randomized_model
 
 MICRO = MODEL_CONFIGS["ViT-Micro-16-32"]  # QuickGELU, 64-wide heads: every format holds it
 GELU = dataclasses.replace(MICRO, activation="gelu")  # OpenAI's code cannot rebuild it
@@ -30,17 +30,6 @@ TARGETS = [
 ]
 
 
-def seeded(config, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = create_model(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-    return model
-
-
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -52,7 +41,7 @@ def listing(path) -> list[str]:
 
 @pytest.fixture
 def source(tmp_path):
-    model = seeded(MICRO)
+    model = randomized_model(MICRO, layernorms=True)
     save(model, tmp_path / "src")
     return model, tmp_path / "src"
 
@@ -82,7 +71,7 @@ def test_every_target_reads_back_exactly(tmp_path, capsys, source, to, name, ext
 
 
 def test_gelu_models_keep_their_activation_through_openclip(tmp_path, capsys):
-    model = seeded(GELU)
+    model = randomized_model(GELU, layernorms=True)
     save(model, tmp_path / "src")
     for dst, extra in ((tmp_path / "g.pt", []), (tmp_path / "g-hub", ["--hub"])):
         assert run(capsys, tmp_path / "src", dst, "--to", "openclip", *extra)[0] == 0
@@ -93,7 +82,7 @@ def test_gelu_models_keep_their_activation_through_openclip(tmp_path, capsys):
 def test_openclip_name_is_printed_for_registered_architectures(tmp_path, capsys, monkeypatch):
     # As if the micro model were registered with OpenCLIP (openclip_name itself: test_convert_openclip.py).
     monkeypatch.setattr(openclip, "openclip_name", lambda config: "ViT-B-32-quickgelu")
-    model = seeded(MICRO)
+    model = randomized_model(MICRO, layernorms=True)
     save(model, tmp_path / "src")
     code, out = run(capsys, tmp_path / "src", tmp_path / "b32.pt", "--to", "openclip")
     assert code == 0
@@ -104,7 +93,7 @@ def test_openclip_name_is_printed_for_registered_architectures(tmp_path, capsys,
 
 
 def test_architecture_flag_names_what_a_file_cannot_tell(tmp_path, capsys, monkeypatch):
-    model = seeded(GELU)
+    model = randomized_model(GELU, layernorms=True)
     torch.save(model.state_dict(), tmp_path / "plain.pt")  # shapes only: QuickGELU would be assumed
     code, _ = run(capsys, tmp_path / "plain.pt", tmp_path / "out", "--to", "clipforge")
     assert code == 0 and load_model(tmp_path / "out").config.activation == "quick_gelu"
@@ -123,7 +112,7 @@ def test_architecture_flag_names_what_a_file_cannot_tell(tmp_path, capsys, monke
 
 
 def test_an_openclip_checkpoint_without_its_run_is_converted_with_a_note(tmp_path, capsys):
-    model = seeded(MICRO)
+    model = randomized_model(MICRO, layernorms=True)
     torch.save(
         {"epoch": 2, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
         tmp_path / "e.pt",
@@ -165,16 +154,17 @@ def test_bad_input_is_refused_on_one_line_before_anything_is_written(tmp_path, c
 
 
 def test_models_a_format_cannot_hold_are_refused(tmp_path, capsys):
-    gelu = seeded(GELU)
+    gelu = randomized_model(GELU, layernorms=True)
     save(gelu, tmp_path / "gelu")
     _refused(
         capsys, tmp_path, tmp_path / "gelu", tmp_path / "o.pt", "--to", "openai", match="activation 'gelu'"
     )
-    heads = seeded(dataclasses.replace(MICRO, text=dataclasses.replace(MICRO.text, heads=2)))
+    two_heads = dataclasses.replace(MICRO, text=dataclasses.replace(MICRO.text, heads=2))
+    heads = randomized_model(two_heads, layernorms=True)
     save(heads, tmp_path / "heads")
     _refused(capsys, tmp_path, tmp_path / "heads", tmp_path / "o.pt", "--to", "openai", match="2 text heads")
     tokenizer = train_tokenizer([_captions(tmp_path)], vocab_size=600, min_frequency=1)
-    save(seeded(MICRO), tmp_path / "own-vocab", tokenizer)
+    save(randomized_model(MICRO, layernorms=True), tmp_path / "own-vocab", tokenizer)
     for to, dst in (("openclip", "o.pt"), ("openai", "o.pt")):
         _refused(
             capsys, tmp_path, tmp_path / "own-vocab", tmp_path / dst, "--to", to, match="its own tokenizer"
@@ -192,7 +182,7 @@ def _captions(tmp_path):
 def test_overwrite_replaces_only_like_with_like(tmp_path, capsys, source):
     _model, src = source
     assert run(capsys, src, tmp_path / "o.pt", "--to", "openclip")[0] == 0
-    other = seeded(MICRO, seed=1)
+    other = randomized_model(MICRO, seed=1, layernorms=True)
     save(other, tmp_path / "src2")
     assert run(capsys, tmp_path / "src2", tmp_path / "o.pt", "--to", "openclip", "--overwrite")[0] == 0
     assert same_state(load_model(tmp_path / "o.pt"), other)

@@ -29,7 +29,7 @@ from clipforge.convert import convert, openclip
 from clipforge.models import CLIPConfig, create_model
 from clipforge.models.config import MODEL_CONFIGS, PAPER_MODELS
 from clipforge.transforms import OPENAI_MEAN
-from conftest import rounding_budget, rounding_tolerance
+from conftest import randomized_model, rounding_budget, rounding_tolerance
 
 REPO = Path(__file__).resolve().parent.parent
 OPENCLIP_NAMES = [n for n in MODEL_CONFIGS if n.startswith(openclip.PREFIX)]
@@ -54,18 +54,6 @@ TINY_CFGS = {
 
 def tiny_config(kind: str) -> CLIPConfig:
     return openclip.config_from_openclip(TINY_CFGS[kind])
-
-
-def randomized(config: CLIPConfig, seed: int = 0) -> torch.nn.Module:
-    """A seeded model whose LayerNorms are not (1, 0), so a swapped weight and bias would show."""
-    torch.manual_seed(seed)
-    model = create_model(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-    return model
 
 
 def batches(config: CLIPConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +177,7 @@ def test_training_checkpoint_with_params_txt(tmp_path):
 
 
 def test_training_checkpoint_is_read_safely_and_warns_about_the_activation(tmp_path):
-    model = randomized(tiny_config("quickgelu"))
+    model = randomized_model(tiny_config("quickgelu"), layernorms=True)
     opt = torch.optim.AdamW(model.parameters())
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     path = tmp_path / "epoch_1.pt"
@@ -197,7 +185,8 @@ def test_training_checkpoint_is_read_safely_and_warns_about_the_activation(tmp_p
     with pytest.warns(UserWarning, match="QuickGELU assumed"):
         loaded = load_model(path)
     assert same_state(loaded, model) and loaded.config == model.config
-    gelu = randomized(tiny_config("gelu"))  # the architecture by name wins, and no warning
+    # The architecture by name wins, and no warning.
+    gelu = randomized_model(tiny_config("gelu"), layernorms=True)
     torch.save({"epoch": 1, "state_dict": gelu.state_dict()}, path)
     assert same_state(load_model(tiny_config("gelu"), pretrained=path), gelu)
 
@@ -205,7 +194,7 @@ def test_training_checkpoint_is_read_safely_and_warns_about_the_activation(tmp_p
 @pytest.mark.parametrize("kind", ["gelu", "quickgelu"])
 @pytest.mark.parametrize("layout", ["checkpoint", "hub", "hub-bin"])
 def test_clipforge_openclip_clipforge_is_exact(tmp_path, kind, layout):
-    model = randomized(tiny_config(kind))
+    model = randomized_model(tiny_config(kind), layernorms=True)
     if layout == "checkpoint":
         path = tmp_path / "model.pt"
         openclip.write_checkpoint(model, path)
@@ -222,7 +211,7 @@ def test_clipforge_openclip_clipforge_is_exact(tmp_path, kind, layout):
 
 
 def test_hub_directory_preprocessing_is_followed(tmp_path, monkeypatch):
-    model = randomized(tiny_config("gelu"))
+    model = randomized_model(tiny_config("gelu"), layernorms=True)
     openclip.write_hub(model, tmp_path)
     meta = json.loads((tmp_path / openclip.CONFIG_FILE).read_text())
     assert meta["preprocess_cfg"]["mean"] == list(OPENAI_MEAN)
@@ -258,7 +247,8 @@ def test_directories_are_recognized_by_content(tmp_path):
     from clipforge.checkpoints import read_weights
     from clipforge.convert.hf import write_hf
 
-    model = randomized(dataclasses.replace(MODEL_CONFIGS["ViT-Micro-16-32"], activation="gelu"))
+    gelu = dataclasses.replace(MODEL_CONFIGS["ViT-Micro-16-32"], activation="gelu")
+    model = randomized_model(gelu, layernorms=True)
     write_hf(model, None, tmp_path / "both")
     hf_weights = tmp_path / "both" / "model.safetensors"
     assert read_weights(hf_weights).format == "transformers CLIPModel directory"
@@ -304,7 +294,7 @@ def served(tmp_path):
 def test_openclip_pretrained_names_download_verify_and_load(served, tmp_path, monkeypatch):
     base, root = served
     monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
-    model = randomized(tiny_config("gelu"))
+    model = randomized_model(tiny_config("gelu"), layernorms=True)
     from safetensors.torch import save_file
 
     save_file(unshared_tensors(model), root / "open_clip_model.safetensors")
@@ -364,7 +354,7 @@ def parity(tmp_path_factory):
     torch.save(tokens, tmp / "tokens.pt")
     cases, ours = [], {}
     for seed, kind in enumerate(TINY_CFGS):
-        model = randomized(tiny_config(kind), seed=seed)
+        model = randomized_model(tiny_config(kind), seed=seed, layernorms=True)
         save(model, tmp / f"{kind}-src")
         convert(tmp / f"{kind}-src", tmp / f"{kind}.pt", "openclip")
         convert(tmp / f"{kind}-src", tmp / f"{kind}-hub", "openclip", hub=True)
