@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipforge.checkpoints import save
+from clipforge.checkpoints import load_model, save
 from clipforge.cli import main
 from clipforge.models import create_model, get_config
 from clipforge.models.resize import resize_grid_embedding
@@ -255,6 +255,8 @@ def test_pretrained_weights_start_a_larger_image_and_a_shorter_context(
     trainer = run(tmp_path, tokenizer_dir, *args, steps=1)
     assert trainer.state["step"] == 1 and trainer.data is not None
     assert not unchanged(trainer, "visual.positional_embedding")
+    reloaded = load_model(str(trainer.last_checkpoint))  # the saved model is the new size
+    assert reloaded.config.vision.image_size == 96 and reloaded.config.text.context_length == 16
 
 
 # ---- refused before anything is written ------------------------------------------------------------------
