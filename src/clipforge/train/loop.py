@@ -84,7 +84,8 @@ def build_optimizer(cfg: TrainConfig, model: CLIP) -> torch.optim.AdamW:
     beta1, beta2, eps = PAPER_ADAM[model.config.vision.kind]
     o = cfg.optim
     betas = (beta1 if o.beta1 is None else o.beta1, beta2 if o.beta2 is None else o.beta2)
-    return make_optimizer(model, o.lr, o.weight_decay, betas, eps if o.eps is None else o.eps)
+    eps = eps if o.eps is None else o.eps
+    return make_optimizer(model, o.lr, o.weight_decay, betas, eps, layer_decay=o.layer_decay)
 
 
 def _prepare_run_dir(cfg: TrainConfig) -> Path:

@@ -21,9 +21,6 @@ from clipforge.train.loss import LOSS_DEFAULTS
 
 log = logging.getLogger("clipforge.train")
 
-# The attribute through which `build_model` tells `make_optimizer` the run's `optim.layer_decay`.
-LAYER_DECAY_ATTR = "train_layer_decay"
-
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> CLIP:
     """The configured model, ready for `build_optimizer` (which leaves out what is frozen here)."""
@@ -41,7 +38,6 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> CLIP:
             lock_tower(model, tower, unlocked)
     if m.freeze_batchnorm:
         freeze_batchnorm(model.visual)
-    setattr(model, LAYER_DECAY_ATTR, cfg.optim.layer_decay)
     model.set_patch_dropout(cfg.model.patch_dropout)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.model.compile:

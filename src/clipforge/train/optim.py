@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipforge.train.model import LAYER_DECAY_ATTR, tower_layers
+from clipforge.train.model import tower_layers
 
 # Layers whose parameters are gains and biases of a normalization, never decayed.
 NORM_LAYERS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
@@ -94,13 +94,10 @@ def make_optimizer(
     weight_decay: float,
     betas: tuple[float, float],
     eps: float,
-    layer_decay: float | None = None,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: the two `weight_decay_groups`, or with a `layer_decay` below 1
-    the `layer_decay_groups` of a CLIP model. None: the model's `optim.layer_decay` as `build_model`
-    recorded it (1 when it did not)."""
-    if layer_decay is None:
-        layer_decay = getattr(model, LAYER_DECAY_ATTR, 1.0)
+    the `layer_decay_groups` of a CLIP model."""
     if layer_decay == 1.0:
         groups = weight_decay_groups(model, weight_decay)
     else:
