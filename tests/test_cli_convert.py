@@ -47,8 +47,10 @@ def source(tmp_path):
 
 
 def run(capsys, *argv: str) -> tuple[int, list[str]]:
+    """The exit code and the printed lines: stdout's, or stderr's when the command failed."""
     code = main(["convert", *map(str, argv)])
-    return code, capsys.readouterr().out.strip().splitlines()
+    printed = capsys.readouterr()
+    return code, (printed.err if code else printed.out).strip().splitlines()
 
 
 @pytest.mark.needs_openai_bpe  # the hf and clipforge targets write OpenAI's tokenizer files

@@ -114,7 +114,7 @@ def test_errors_are_reported_not_raised(eval_files, tmp_path, capsys):
     missing = str(tmp_path / "none.tar")
     code = main(["eval", "zeroshot", "--model", str(eval_files["model"]), "--data", missing,
                  "--classes", str(eval_files["classes"]), *COMMON])  # fmt: skip
-    assert code == 2 and "not found" in capsys.readouterr().out
+    assert code == 2 and "not found" in capsys.readouterr().err
 
 
 def test_int8_evaluates_the_quantized_copy_and_caches_it_apart(eval_files, tmp_path):
@@ -174,7 +174,7 @@ def test_unusable_images_are_counted_by_reason_in_the_output_and_the_json(eval_f
         assert result["n"] == 3 and result["skipped_by_reason"] == {"corrupt_image": 2, "too_large": 1}
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 1  # the image features, made once
     assert main(["eval", "zeroshot", *common, "--max-image-pixels", "-1", *COMMON]) == 2
-    assert "--max-image-pixels must be >= 0, got -1" in capsys.readouterr().out
+    assert "--max-image-pixels must be >= 0, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -11,6 +11,7 @@ See docs/interop.md for the formats and what is checked.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                 architecture=args.architecture,
             )
     except (OSError, ValueError) as e:  # CheckpointError and the writers' errors are ValueErrors
-        print(f"clipforge convert: {e}")
+        print(f"clipforge convert: {e}", file=sys.stderr)
         return 2
     notes = [*(str(w.message) for w in caught if str(w.message) not in done.notes), *done.notes]
     for note in notes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         )
         result = run_task(evaluator, task, confusion=bool(getattr(args, "confusion", "")))
     except (OSError, ValueError) as e:
-        print(f"clipforge eval {args.kind}: {e}")
+        print(f"clipforge eval {args.kind}: {e}", file=sys.stderr)
         return 2
     print(f"{result.name}: {result.details['n']} images ({skipped_summary(result.details)})")
     print(results_table([result]))
@@ -183,7 +184,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
         suite.int8 = suite.int8 or args.int8
         outcome = run_suite(suite, progress=not args.no_progress)
     except (ConfigError, OSError, ValueError) as e:
-        print(f"clipforge eval suite: {e}")
+        print(f"clipforge eval suite: {e}", file=sys.stderr)
         return 2
     for result in outcome.results:
         print(f"{result.name}: {result.details['n']} images ({skipped_summary(result.details)})")
