@@ -213,7 +213,7 @@ def test_a_resnet_in_training_is_refused_before_the_run(tmp_path, tokenizer_dir)
         tmp_path / "run", tokenizer_dir, "--model.name", "RN-Tiny-64", "--data.micro_batch_size", "8"
     )
     with pytest.raises(
-        ConfigError, match=r"^data\.micro_batch_size = 8: needs a ViT image tower or model\.lock"
+        ConfigError, match=r"^data\.micro_batch_size = 8: needs a ViT image tower, model\.lock_image "
     ):
         train(cfg)
     assert not (tmp_path / "run").exists()
