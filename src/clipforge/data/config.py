@@ -14,6 +14,7 @@ from clipforge.configs import invalid, require
 from clipforge.transforms.loading import DEFAULT_MAX_IMAGE_PIXELS
 
 SOURCES = ("synthetic", "webdataset", "csv", "folder")
+CAPTIONS = ("all", "sample", "templates")  # data.captions
 
 # Spellings of the tab separator that survive a shell and a CLI mapper.
 _TAB_ALIASES = ("\t", "\\t", "tab", "TAB")
@@ -47,7 +48,15 @@ class DataConfig:
     caption_extension: str = "txt"  # webdataset key / folder file suffix that holds the caption
     # A caption text of several lines: "all" trains on the whole text, "sample" on one line per sample and
     # epoch, chosen reproducibly (for data with several captions per image, e.g. COCO's five).
+    # "templates": no caption is read; each sample's class label fills a template (FLYP, data/labels.py).
     captions: str = "all"
+    classes: str = ""  # captions = "templates": class names, a JSON file or a built-in set (as eval.classes)
+    # captions = "templates": a template file, a built-in set or a literal with {}; "" = the classes' own
+    # templates, else the bare class name (as eval.templates)
+    templates: str = ""
+    # captions = "templates": webdataset: the json field holding the label, or "cls" for a .cls member;
+    # csv: the label column. A folder's labels are its class sub-folders.
+    label_key: str = "label"
     csv_image_column: str = "filepath"  # csv: column with image paths (relative ones: to the CSV's folder)
     csv_caption_column: str = "caption"  # csv: column with the captions
     csv_separator: str = ""  # csv: one character; "" = tab for .tsv, comma otherwise ("tab" or "\t" work)
@@ -89,8 +98,10 @@ class DataConfig:
         ext = self.image_extensions
         require(bool(self.image_suffixes()), "data.image_extensions", ext, "names no extension")
         require(
-            self.captions in ("all", "sample"), "data.captions", self.captions, "must be 'all' or 'sample'"
+            self.captions in CAPTIONS, "data.captions", self.captions, f"must be one of {', '.join(CAPTIONS)}"
         )
+        if self.captions == "templates":
+            self._check_templated()
         cap = self.caption_extension
         require(bool(cap.strip(". ")), "data.caption_extension", cap, "names no extension")
         if self.source == "csv":
@@ -105,6 +116,22 @@ class DataConfig:
             )
         self._check_world(world_size)
         return self
+
+    def _check_templated(self) -> None:
+        """Captions from labels need labelled data and the class names (the files are checked later)."""
+        require(
+            self.source != "synthetic",
+            "data.captions",
+            self.captions,
+            "needs labelled data: data.source = 'webdataset', 'csv' or 'folder'",
+        )
+        require(bool(self.classes), "data.classes", self.classes, "required with data.captions = 'templates'")
+        require(
+            self.source == "folder" or bool(self.label_key.strip()),
+            "data.label_key",
+            self.label_key,
+            f"required with data.captions = 'templates' and data.source = {self.source!r}",
+        )
 
     def streams(self, world_size: int = 1) -> int:
         """The number of shard streams: ``shard_streams``, or one per worker of every process when 0."""

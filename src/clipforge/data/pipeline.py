@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipforge.data.config import DataConfig
 from clipforge.data.folder import FolderSource
+from clipforge.data.labels import ClassCaptions, class_captions
 from clipforge.data.samples import (
     MISSING_IMAGE,
     SKIP_REASONS,
@@ -118,6 +119,7 @@ class BatchMaker:
         context_length: int,
         captions: str = "all",
         max_pixels: int | None = None,
+        labels: ClassCaptions | None = None,
     ) -> None:
         self.transform = transform
         self.max_pixels = max_pixels  # DataConfig.max_image_pixels: larger images are skipped undecoded
@@ -125,6 +127,7 @@ class BatchMaker:
         self.image_size = image_size
         self.context_length = context_length
         self.captions = captions  # DataConfig.captions: "all" or "sample" (one line of several)
+        self.labels = labels  # captions = "templates": label -> template-filled class name
         self._warned: set[str] = set()
 
     def __call__(
@@ -146,7 +149,10 @@ class BatchMaker:
 
     def decode(self, raw: RawSample, key: int) -> tuple[torch.Tensor, str]:
         """One sample -> (image tensor, caption); raises `Skip` when it cannot be used."""
-        caption = choose_caption(read_caption(raw.caption), key, self.captions)
+        if self.labels is not None:
+            caption = self.labels.caption(raw.label, key)  # keyed like a "sample" caption line
+        else:
+            caption = choose_caption(read_caption(raw.caption), key, self.captions)
         if raw.image is None:
             raise Skip(MISSING_IMAGE)
         try:
@@ -347,22 +353,46 @@ def build_train_loader(
         raise ValueError(f"{source!r} has {len(source)} samples, fewer than data.batch_size={cfg.batch_size}")
     transform = _transform(cfg, image_size, seed)
     make = BatchMaker(
-        transform, tokenizer, image_size, cfg.context_length, cfg.captions, cfg.max_image_pixels
+        transform,
+        tokenizer,
+        image_size,
+        cfg.context_length,
+        cfg.captions,
+        cfg.max_image_pixels,
+        source_labels(cfg, source),
     )
     return TrainData(cfg, source, make, seed, rank, world_size)
 
 
+def source_labels(cfg: DataConfig, source: Source) -> ClassCaptions | None:
+    """With ``data.captions = "templates"``: the class names and templates that caption the samples."""
+    if cfg.captions != "templates":
+        return None
+    folders = source.class_folders if isinstance(source, FolderSource) else ()
+    return class_captions(cfg.classes, cfg.templates, folders)
+
+
 def build_source(cfg: DataConfig, image_size: int, seed: int, world_size: int = 1) -> Source:
     """The source ``cfg.source`` names, its files checked (webdataset: enough shards for its streams)."""
+    labelled = cfg.captions == "templates"  # the sources hand over labels instead of captions
     if cfg.source == "synthetic":
         return SyntheticSource(image_size, cfg.synthetic_samples, cfg.synthetic_seed, cfg.synthetic_holdout)
     if cfg.source == "csv":
-        return TableSource(cfg.path, cfg.csv_image_column, cfg.csv_caption_column, cfg.separator())
+        label_column = cfg.label_key if labelled else ""
+        return TableSource(
+            cfg.path, cfg.csv_image_column, cfg.csv_caption_column, cfg.separator(), label_column
+        )
     if cfg.source == "folder":
-        return FolderSource(cfg.path, cfg.image_suffixes(), cfg.caption_extension)
+        return FolderSource(cfg.path, cfg.image_suffixes(), cfg.caption_extension, labelled)
     if cfg.source == "webdataset":
         source = ShardSource(
-            cfg.path, cfg.image_suffixes(), cfg.caption_extension, cfg.shuffle_buffer, seed, cfg.resampled
+            cfg.path,
+            cfg.image_suffixes(),
+            cfg.caption_extension,
+            cfg.shuffle_buffer,
+            seed,
+            cfg.resampled,
+            cfg.label_key if labelled else "",
         )
         streams = cfg.streams(world_size)
         if len(source.urls) < streams and not cfg.resampled:  # a resampled stream may draw any shard

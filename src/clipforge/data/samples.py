@@ -19,8 +19,16 @@ CORRUPT_IMAGE = "corrupt_image"  # the image bytes do not decode (or the transfo
 MISSING_CAPTION = "missing_caption"  # no caption, or one that is empty after stripping whitespace
 UNREADABLE_SHARD = "unreadable_shard"  # a tar shard failed to open or broke mid-way (counts events)
 TOO_LARGE = "too_large"  # the image header declares more pixels than data.max_image_pixels (not decoded)
+UNKNOWN_LABEL = "unknown_label"  # data.captions = "templates": no label, or one not among data.classes
 
-SKIP_REASONS: tuple[str, ...] = (MISSING_IMAGE, CORRUPT_IMAGE, MISSING_CAPTION, UNREADABLE_SHARD, TOO_LARGE)
+SKIP_REASONS: tuple[str, ...] = (
+    MISSING_IMAGE,
+    CORRUPT_IMAGE,
+    MISSING_CAPTION,
+    UNREADABLE_SHARD,
+    TOO_LARGE,
+    UNKNOWN_LABEL,
+)
 
 
 @dataclass
@@ -28,6 +36,8 @@ class RawSample:
     image: ImageSource | None  # a path, encoded bytes, or a drawn PIL image; None = the sample has none
     caption: str | bytes | None  # bytes are decoded as UTF-8; None = the sample has none
     key: str  # names the sample in messages; streamed sources also seed its augmentation with it
+    # data.captions = "templates": the class label (a name, an index, or its decimal text); None = none
+    label: str | int | None = None
 
 
 class Skip(Exception):

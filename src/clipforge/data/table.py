@@ -17,7 +17,9 @@ _SPOT_CHECK = 8  # image paths checked up front: catches a wrong root before tra
 class TableSource:
     """Map-style source: ``source[i]`` is row ``i`` (after the header) as a `RawSample`."""
 
-    def __init__(self, path: str, image_column: str, caption_column: str, separator: str) -> None:
+    def __init__(
+        self, path: str, image_column: str, caption_column: str, separator: str, label_column: str = ""
+    ) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data.path: CSV/TSV file not found: {path}")
         self.path = path
@@ -26,7 +28,12 @@ class TableSource:
             reader = csv.reader(fh, delimiter=separator)
             header = next(reader, [])
             image_at = _column(header, image_column, "csv_image_column", path, separator)
-            caption_at = _column(header, caption_column, "csv_caption_column", path, separator)
+            # data.captions = "templates": the label column is read in place of the caption column.
+            self.labelled = bool(label_column)
+            if self.labelled:
+                caption_at = _column(header, label_column, "label_key", path, separator)
+            else:
+                caption_at = _column(header, caption_column, "csv_caption_column", path, separator)
             self.images: list[str | None] = []
             self.captions: list[str | None] = []
             for row in reader:
@@ -43,7 +50,10 @@ class TableSource:
         return len(self.images)
 
     def __getitem__(self, index: int) -> RawSample:
-        return RawSample(image=self.images[index], caption=self.captions[index], key=f"row {index + 2}")
+        key = f"row {index + 2}"
+        if self.labelled:
+            return RawSample(image=self.images[index], caption=None, key=key, label=self.captions[index])
+        return RawSample(image=self.images[index], caption=self.captions[index], key=key)
 
     def __repr__(self) -> str:
         return f"TableSource({self.path!r}, rows={len(self)})"

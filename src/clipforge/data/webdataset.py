@@ -1,8 +1,9 @@
 """Webdataset source: tar shards in img2dataset's layout, read with the `webdataset` library.
 
 A sample is the files of a shard that share a key: ``000123.jpg`` (or png / webp) + ``000123.txt``
-(+ an optional ``000123.json``, ignored). Shards are named by a brace pattern
-(``data/train-{000..008}.tar``), several patterns joined by ``::``, or URLs the library can open.
+(+ an optional ``000123.json``, ignored unless it holds the label: ``data.captions = "templates"``).
+Shards are named by a brace pattern (``data/train-{000..008}.tar``), several patterns joined by ``::``, or
+URLs the library can open.
 
 The source reads *streams* of samples (`clipforge.data.streams` cuts them into batches). In epoch ``e``
 the shard list is shuffled by (seed, e); stream ``s`` of ``S`` reads every S-th shard of that order
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
+from clipforge.data.labels import shard_label
 from clipforge.data.samples import UNREADABLE_SHARD, RawSample, derive_seed
 from clipforge.data.tarfiles import tar_files
 
@@ -45,8 +47,10 @@ class ShardSource:
         shuffle_buffer: int,
         seed: int,
         resampled: bool = False,
+        label_key: str = "",
     ) -> None:
         self.urls = expand_shards(spec)
+        self.label_key = label_key  # data.captions = "templates": json field or "cls"; "" = no labels
         self.image_suffixes = image_suffixes
         self.caption_suffix = caption_suffix.strip().lstrip(".").lower()
         self.shuffle_buffer = shuffle_buffer
@@ -110,9 +114,10 @@ class ShardSource:
         image = next((sample[s] for s in self.image_suffixes if s in sample), None)
         shard = os.path.basename(sample.get("__url__", ""))
         # The key names the shard's file, not its folder: moving the data keeps the augmentations.
-        return RawSample(
-            image=image, caption=sample.get(self.caption_suffix), key=f"{shard}/{sample['__key__']}"
-        )
+        key = f"{shard}/{sample['__key__']}"
+        if self.label_key:
+            return RawSample(image=image, caption=None, key=key, label=shard_label(sample, self.label_key))
+        return RawSample(image=image, caption=sample.get(self.caption_suffix), key=key)
 
     def __repr__(self) -> str:
         return f"ShardSource({len(self.urls)} shards, first {self.urls[0]!r})"

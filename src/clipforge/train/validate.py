@@ -24,7 +24,8 @@ from clipforge.checkpoints.load import architecture_of, describe
 from clipforge.checkpoints.registry import available_pretrained, canonical_name, has_pretrained
 from clipforge.configs import ConfigError, invalid
 from clipforge.data.config import DataConfig
-from clipforge.data.pipeline import build_source
+from clipforge.data.labels import first_shard_labels
+from clipforge.data.pipeline import Source, build_source, source_labels
 from clipforge.data.webdataset import count_samples, is_local, local_path
 from clipforge.distributed.fsdp import METADATA_FILE
 from clipforge.distributed.world import World
@@ -255,6 +256,7 @@ def check_data(data: DataConfig, image_size: int, seed: int, world_size: int = 1
         if not (field.startswith("data.") and hasattr(data, name)):
             field, name, problem = "data.path", "path", str(e).removeprefix("data.path ")
         raise invalid(field, getattr(data, name), problem) from None
+    check_labels(data, source)
     if data.source == "webdataset":
         samples = _count_shard_samples(source.urls, data.batch_size)
     else:
@@ -263,6 +265,31 @@ def check_data(data: DataConfig, image_size: int, seed: int, world_size: int = 1
         raise invalid(
             "data.batch_size", data.batch_size, f"larger than the data: {data.path} holds {samples} samples"
         )
+
+
+def check_labels(data: DataConfig, source: Source) -> None:
+    """`data.captions = "templates"`: the classes and templates load, and the first local shard's samples
+    carry a label under `data.label_key` (a CSV's label column is checked by its source)."""
+    if data.captions != "templates":
+        return
+    try:
+        source_labels(data, source)
+    except ValueError as e:  # "data.classes: problem" or "data.templates: problem"
+        field, _, problem = str(e).partition(": ")
+        raise invalid(field, getattr(data, field.removeprefix("data.")), problem) from None
+    local = [local_path(url) for url in getattr(source, "urls", []) if is_local(url)]
+    if data.source == "webdataset" and local:
+        try:
+            labels = first_shard_labels(local[0], data.label_key)
+        except (OSError, tarfile.TarError) as e:
+            raise invalid("data.path", local[0], f"unreadable shard: {e}") from None
+        if labels and all(label is None for label in labels):
+            where = "a .cls member" if data.label_key == "cls" else f"a json field {data.label_key!r}"
+            raise invalid(
+                "data.label_key",
+                data.label_key,
+                f"none of the first {len(labels)} samples of {local[0]} has {where}",
+            )
 
 
 def check_shards(field: str, spec: str) -> list[str]:
