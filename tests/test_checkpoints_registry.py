@@ -131,3 +131,32 @@ def test_cache_dir_default(monkeypatch, tmp_path):
     monkeypatch.delenv("CLIPFORGE_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert registry.cache_dir() == tmp_path / ".cache" / "clipforge"
+
+
+def test_every_openclip_name_is_well_formed():
+    """Each OpenCLIP name: a Hub file pinned to a commit, a full digest, a GELU architecture, its own cache
+    file."""
+    names = registry.OPENCLIP_PRETRAINED
+    assert "openclip/ViT-B-32:laion2b_s34b_b79k" in names
+    assert set(names) <= set(available_pretrained())
+    for name, weights in names.items():
+        arch, tag = name.split(":")
+        assert weights.architecture == arch and registry.architecture(name) == arch
+        assert re.fullmatch(r"[a-z0-9_]+", tag), name  # OpenCLIP's tags are lower case
+        match = re.fullmatch(
+            r"https://huggingface\.co/([\w.-]+/[\w.-]+)/resolve/([0-9a-f]{40})/([\w.-]+\.safetensors)",
+            weights.url,
+        )
+        assert match, weights.url  # pinned to a 40-hex commit, never a branch like "main"
+        # the Hub repository of that architecture (catches an entry pasted under the wrong name)
+        assert f"/CLIP-{arch.removeprefix('openclip/')}-" in match.group(1), name
+        assert re.fullmatch(r"[0-9a-f]{64}", weights.sha256), name  # full lowercase SHA-256
+        config = MODEL_CONFIGS[arch]  # a registered architecture
+        # OpenCLIP's LAION / DataComp weights use exact GELU unless the architecture says otherwise.
+        assert config.activation == ("quick_gelu" if arch.endswith("-quickgelu") else "gelu"), name
+        assert weights.filename.endswith(".safetensors") and weights.filename.startswith("openclip-")
+    cache_names = [w.filename for w in names.values()]
+    assert len(set(cache_names)) == len(cache_names)  # no two names share a cache file
+    assert not set(cache_names) & {w.filename for w in PRETRAINED.values()}
+    digests = [w.sha256 for w in names.values()]
+    assert len(set(digests)) == len(digests)  # no digest copied onto a second name

@@ -71,6 +71,34 @@ OPENCLIP_PRETRAINED: dict[str, PretrainedWeights] = {
         architecture="openclip/ViT-B-32",
         cache_name="openclip-ViT-B-32-laion2b_s34b_b79k.safetensors",
     ),
+    # laion/CLIP-ViT-L-14-laion2B-s32B-b82K, open_clip_pytorch_model.safetensors (1,710,517,748 bytes), the
+    # repository's safetensors weights for OpenCLIP's "laion2b_s32b_b82k". Digest, revision, file name and
+    # size: pinned identically by three unrelated public projects found by searching public source code
+    # (an OpenCLIP model installer with a size-and-digest table, a model-fetch script that checks the
+    # digest after hf_hub_download at this revision, and a retrieval-asset preparation script that checks
+    # the Hugging Face cache blob named by the digest). The size is that of an fp32 safetensors file of
+    # the 427,616,513 parameters of "openclip/ViT-L-14". OpenCLIP normalizes this model's images with
+    # mean = std = (0.5, 0.5, 0.5), not OpenAI's statistics (see docs/interop.md).
+    "openclip/ViT-L-14:laion2b_s32b_b82k": PretrainedWeights(
+        f"{_HF}/laion/CLIP-ViT-L-14-laion2B-s32B-b82K/resolve/1627032197142fbe2a7cfec626f4ced3ae60d07a/"
+        "open_clip_pytorch_model.safetensors",
+        "7d129ed747e0ed53e82dfcc140382b51be66b56e6a9bdc3258afd2846e3bb019",
+        architecture="openclip/ViT-L-14",
+        cache_name="openclip-ViT-L-14-laion2b_s32b_b82k.safetensors",
+    ),
+    # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, open_clip_model.safetensors (3,944,517,836 bytes). Digest:
+    # pinned with this revision and size by a public research project whose checks compare it with the
+    # Hub's own LFS metadata for this revision, and listed as the OpenCLIP ViT-H-14 weights file by two
+    # unrelated public model-hash lists, one naming this repository (all found by searching public source
+    # code). The size is that of an fp32 safetensors file of the 986,109,441 parameters of
+    # "openclip/ViT-H-14".
+    "openclip/ViT-H-14:laion2b_s32b_b79k": PretrainedWeights(
+        f"{_HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/1c2b8495b28150b8a4922ee1c8edee224c284c0c/"
+        "open_clip_model.safetensors",
+        "0084e75319a50ad85ef45377bad5bc38f2f58824459eb690048d51c9f8863be5",
+        architecture="openclip/ViT-H-14",
+        cache_name="openclip-ViT-H-14-laion2b_s32b_b79k.safetensors",
+    ),
 }
 
 
