@@ -169,6 +169,14 @@ def test_the_fields_are_checked_before_a_run(labelled, tmp_path):
     assert check(shard_cfg(templates="no placeholder")).startswith("data.templates = ")
     assert check(shard_cfg(label_key="class")).startswith("data.label_key = 'class': none of the first 8")
     assert check(templated(labelled, "csv", "train.csv", label_key="class")).startswith("data.label_key = ")
+    (tmp_path / "other.json").write_text(json.dumps(["cat", "dog"]))
+    message = check(templated(labelled, "folder", "tree", classes=str(tmp_path / "other.json")))
+    assert message.startswith("data.classes = ") and "names none of the labels" in message
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (12, 12)).save(tmp_path / "flat/a.png")
+    flat = templated(labelled, "folder", "tree", batch_size=1)
+    flat.path = str(tmp_path / "flat")
+    assert check(flat).endswith("holds no class sub-folders")
     with pytest.raises(ValueError, match=r"data\.classes"):
         shard_cfg(classes="").validate()
     with pytest.raises(ValueError, match="needs labelled data"):

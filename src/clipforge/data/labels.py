@@ -30,13 +30,17 @@ class ClassCaptions:
     templates: tuple[str, ...]
     index: dict[str | int, int]
 
-    def class_of(self, label: str | int | None) -> int:
-        """The class index of ``label``; `Skip` (unknown_label) when it names no class."""
+    def knows(self, label: str | int | None) -> bool:
+        """Whether ``label`` names a class (a bool is no index, though Python counts it as an int)."""
         if isinstance(label, str):
             label = label.strip()
-        if label is None or isinstance(label, bool) or label not in self.index:
+        return label is not None and not isinstance(label, bool) and label in self.index
+
+    def class_of(self, label: str | int | None) -> int:
+        """The class index of ``label``; `Skip` (unknown_label) when it names no class."""
+        if not self.knows(label):
             raise Skip(UNKNOWN_LABEL, repr(label))
-        return self.index[label]
+        return self.index[label.strip() if isinstance(label, str) else label]  # type: ignore[index]
 
     def caption(self, label: str | int | None, key: int) -> str:
         """The caption of a sample labelled ``label`` whose augmentation key is ``key``."""

@@ -26,7 +26,7 @@ from clipforge.configs import ConfigError, invalid
 from clipforge.data.config import DataConfig
 from clipforge.data.labels import first_shard_labels
 from clipforge.data.pipeline import Source, build_source, source_labels
-from clipforge.data.webdataset import count_samples, is_local, local_path
+from clipforge.data.webdataset import ShardSource, count_samples, is_local, local_path
 from clipforge.distributed.fsdp import METADATA_FILE
 from clipforge.distributed.world import World
 from clipforge.evaluate.datasets import DataSpec, read_labelled
@@ -268,28 +268,47 @@ def check_data(data: DataConfig, image_size: int, seed: int, world_size: int = 1
 
 
 def check_labels(data: DataConfig, source: Source) -> None:
-    """`data.captions = "templates"`: the classes and templates load, and the first local shard's samples
-    carry a label under `data.label_key` (a CSV's label column is checked by its source)."""
+    """`data.captions = "templates"`: the classes and templates load; a CSV's or folder's labels name at
+    least one class (else every sample would be skipped); the first local shard's samples carry a label
+    under `data.label_key` (a CSV's label column is checked by its source)."""
     if data.captions != "templates":
         return
     try:
-        source_labels(data, source)
+        captions = source_labels(data, source)
     except ValueError as e:  # "data.classes: problem" or "data.templates: problem"
         field, _, problem = str(e).partition(": ")
         raise invalid(field, getattr(data, field.removeprefix("data.")), problem) from None
-    local = [local_path(url) for url in getattr(source, "urls", []) if is_local(url)]
-    if data.source == "webdataset" and local:
-        try:
-            labels = first_shard_labels(local[0], data.label_key)
-        except (OSError, tarfile.TarError) as e:
-            raise invalid("data.path", local[0], f"unreadable shard: {e}") from None
-        if labels and all(label is None for label in labels):
-            where = "a .cls member" if data.label_key == "cls" else f"a json field {data.label_key!r}"
-            raise invalid(
-                "data.label_key",
-                data.label_key,
-                f"none of the first {len(labels)} samples of {local[0]} has {where}",
-            )
+    assert captions is not None
+    if isinstance(source, ShardSource):
+        _check_shard_labels(data, source)
+        return
+    found = {str(label) for i in range(len(source)) if (label := source[i].label) is not None}
+    if not found:
+        what = "class sub-folders" if data.source == "folder" else f"labels in column {data.label_key!r}"
+        raise invalid("data.path", data.path, f"holds no {what}")
+    if not any(captions.knows(label) for label in found):
+        example = sorted(found)[0]
+        raise invalid(
+            "data.classes", data.classes, f"names none of the labels in {data.path}, e.g. {example!r}"
+        )
+
+
+def _check_shard_labels(data: DataConfig, source: ShardSource) -> None:
+    """The first local shard's first samples carry a label (the rest is only known when read)."""
+    local = [local_path(url) for url in source.urls if is_local(url)]
+    if not local:
+        return
+    try:
+        labels = first_shard_labels(local[0], data.label_key)
+    except (OSError, tarfile.TarError) as e:
+        raise invalid("data.path", local[0], f"unreadable shard: {e}") from None
+    if labels and all(label is None for label in labels):
+        where = "a .cls member" if data.label_key == "cls" else f"a json field {data.label_key!r}"
+        raise invalid(
+            "data.label_key",
+            data.label_key,
+            f"none of the first {len(labels)} samples of {local[0]} has {where}",
+        )
 
 
 def check_shards(field: str, spec: str) -> list[str]:
