@@ -14,6 +14,7 @@ from PIL import Image
 from clipforge.configs import ConfigError
 from clipforge.data import DataConfig, build_train_loader
 from clipforge.data.labels import class_captions, label_index
+from clipforge.data.pipeline import EpochOrder
 from clipforge.data.samples import derive_seed
 from clipforge.evaluate.prompts import load_prompts
 from clipforge.train.validate import check_data
@@ -85,10 +86,7 @@ def test_the_template_is_keyed_by_the_sample_and_epoch(labelled):
     batches = take(cfg, 3)
     assert [b.epoch for b in batches] == [0, 1, 2]
     data = build_train_loader(cfg, stub_tokenizer, SIZE, 0)
-    order = data.source.files  # sorted; recover each caption's sample from the epoch's permutation
-    from clipforge.data.pipeline import EpochOrder
-
-    epochs = EpochOrder(len(order), cfg.batch_size, seed=0)
+    epochs = EpochOrder(len(data.source), cfg.batch_size, seed=0)  # each batch's samples, recomputed
     for g, batch in enumerate(batches):
         epoch, indices = epochs.batch(g)
         expected = []
@@ -114,6 +112,8 @@ def test_the_same_captions_on_any_number_of_processes_and_after_a_resume(labelle
         joined = captions_of(halves[0][g].tokens) + captions_of(halves[1][g].tokens)
         assert joined == captions_of(batch.tokens)
         assert torch.equal(torch.cat([halves[0][g].images, halves[1][g].images]), batch.images)
+    cfg.workers = 2  # the captions are made in the workers, as they are
+    assert [captions_of(b.tokens) for b in take(cfg, 4)] == [captions_of(b.tokens) for b in whole]
     resumed = take(cfg, 2, start=2)
     assert [captions_of(b.tokens) for b in resumed] == [captions_of(b.tokens) for b in whole[2:]]
     assert [b.index for b in resumed] == [2, 3]

@@ -4,6 +4,9 @@
     for step, batch in enumerate(data.batches(start_batch), start=start_batch):
         ...  # batch.images [n,3,64,64], batch.tokens [n,77], batch.skipped {"corrupt_image": 0, ...}
 
+``data.captions = "templates"`` trains on a labelled set instead (FLYP): each caption is a template filled
+with the sample's class name (`clipforge.data.labels`).
+
 The synthetic dataset's zero-shot split: `synthetic_zeroshot_set`, with `synthetic.TEMPLATES`,
 `synthetic.CLASSNAMES` and `synthetic.HELDOUT`. See docs/data.md for the formats, the config fields,
 skip counting and the resume conditions.

@@ -2,6 +2,7 @@
 
 Relative image paths are relative to the CSV file's folder, so a dataset folder can move as a whole.
 The whole table is read once, at construction; a missing file or column is an error then, not mid-run.
+With ``data.captions = "templates"`` the column ``data.label_key`` holds each row's class label instead.
 """
 
 from __future__ import annotations
