@@ -12,7 +12,8 @@ import sys
 
 # Subcommand modules, in the order `clipforge --help` lists them.
 SUBCOMMANDS = [
-    "models", "tokenizer", "train", "eval", "convert", "merge", "embed", "index", "search", "serve",
+    "models", "tokenizer", "train", "finetune", "eval", "convert", "merge", "embed", "index", "search",
+    "serve",
 ]  # fmt: skip
 
 
