@@ -163,3 +163,55 @@ def test_required_fields_may_come_from_the_command_line(eval_files, tmp_path):
     cfg = apply_overrides(load_toml(FinetuneConfig, tmp_path / "empty.toml"), ["--model", "m"])
     with pytest.raises(ConfigError, match="out_dir"):
         cfg.check_complete()
+
+
+def test_worker_processes_change_nothing_and_the_result_merges(eval_files, frozen_run, tmp_path):
+    overrides = ["--steps", "2", "--data.eval", "", "--data.workers", "2", "--out_dir", str(tmp_path / "w")]
+    with_workers = finetune(config(eval_files, tmp_path, *overrides))
+    overrides[5], overrides[7] = "0", str(tmp_path / "s")
+    in_process = finetune(config(eval_files, tmp_path, *overrides))
+    a, b = (clipforge.load(r.model_dir)[0].state_dict() for r in (with_workers, in_process))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    merged = tmp_path / "merged"
+    assert (
+        main(
+            [
+                "merge",
+                str(eval_files["model"]),
+                str(frozen_run / "model"),
+                "--alpha",
+                "0.5",
+                "--out",
+                str(merged),
+            ]
+        )
+        == 0
+    )
+    assert clipforge.load(merged)[0] is not None
+
+
+def test_an_earlier_output_is_replaced_and_any_other_directory_refused(eval_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    finetune(
+        config(
+            eval_files,
+            tmp_path,
+            "--head",
+            "trainable",
+            "--steps",
+            "1",
+            "--warmup_steps",
+            "0",
+            "--data.eval",
+            "",
+        )
+    )
+    assert (out / "head.safetensors").is_file()
+    finetune(config(eval_files, tmp_path, "--steps", "1", "--warmup_steps", "0", "--data.eval", ""))
+    assert not (out / "head.safetensors").exists() and not (out / "classes.json").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    path = recipe(tmp_path / "ft.toml", eval_files, tmp_path / "other")
+    assert main(["finetune", str(path)]) == 2
+    assert "out_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]

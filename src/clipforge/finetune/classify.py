@@ -39,7 +39,14 @@ from clipforge.evaluate.images import ImageDataset, ImageRef
 from clipforge.evaluate.prompts import Prompts, load_prompts, load_templates
 from clipforge.evaluate.tasks import Evaluator
 from clipforge.finetune.config import FinetuneConfig
-from clipforge.finetune.head import ImageClassifier, head_accuracy, save_head, zeroshot_head
+from clipforge.finetune.head import (
+    CLASSES_FILE,
+    HEAD_FILE,
+    ImageClassifier,
+    head_accuracy,
+    save_head,
+    zeroshot_head,
+)
 from clipforge.train.optim import PAPER_ADAM, WarmupCosine, make_optimizer, set_lr
 from clipforge.train.steps import autocast_for
 from clipforge.transforms import TrainTransform
@@ -48,7 +55,7 @@ from clipforge.transforms.loading import DEFAULT_MAX_IMAGE_PIXELS
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-RESULT_FILES = ("config.toml", "metrics.jsonl", "head.safetensors", "classes.json")
+RESULT_FILES = ("config.toml", "metrics.jsonl", HEAD_FILE, CLASSES_FILE)
 
 
 @dataclass
@@ -196,6 +203,9 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     save_native(prep.model, out / MODEL_DIR, prep.tokenizer)
     if cfg.head == "trainable":
         save_head(head, prep.prompts.classnames, out)
+    else:  # an earlier trainable run's head would otherwise sit beside a model it does not belong to
+        for name in (HEAD_FILE, CLASSES_FILE):
+            (out / name).unlink(missing_ok=True)
     held_out = evaluate_held_out(classifier, prep, cfg) if prep.held_out is not None else None
     last = metrics[-1]
     result = FinetuneResult(cfg.steps, last["loss"], last["accuracy"], held_out, skipped, out)

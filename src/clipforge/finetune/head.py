@@ -14,7 +14,7 @@ labelled set with it, the way `Evaluator.zeroshot` scores one with the text towe
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -51,7 +51,7 @@ class ZeroShotHead(nn.Module):
 
 def zeroshot_head(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Callable[..., torch.Tensor],
     prompts: Prompts,
     templates: Sequence[str] = (),
     batch_size: int = 256,
