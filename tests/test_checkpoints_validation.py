@@ -140,10 +140,10 @@ def test_a_missing_field_is_named(model_dir, nothing_allocated):
 def test_the_cli_prints_the_error_on_one_line(model_dir, tmp_path, capsys):
     _edit_config(model_dir, lambda meta: _set(meta, "model.embed_dim", "64"))
     code = main(["eval", "retrieval", "--model", str(model_dir), "--data", str(tmp_path / "none.tar")])
-    out = capsys.readouterr().out.strip()
+    err = capsys.readouterr().err.strip()
     assert code == 2
     problem = "config.json field 'model.embed_dim' must be an integer, got \"64\""
-    assert out == f"clipforge eval retrieval: {model_dir}: {problem}"
+    assert err == f"clipforge eval retrieval: {model_dir}: {problem}"
 
 
 @pytest.mark.parametrize("name", [*MODEL_CONFIGS, "bias"])
