@@ -23,6 +23,7 @@ import torch
 
 import clipforge.tokenizer
 from clipforge.checkpoints import CheckpointError, load, load_model, registry, save
+from clipforge.checkpoints.load import open_model
 from clipforge.checkpoints.native import unshared_tensors
 from clipforge.checkpoints.openai import infer_config
 from clipforge.convert import convert, openclip
@@ -311,6 +312,16 @@ def test_openclip_pretrained_names_download_verify_and_load(served, tmp_path, mo
     assert same_state(load_model("openclip/Tiny:web"), model)  # the GELU architecture comes from the name
     assert same_state(load_model("openclip/Tiny", pretrained="web"), model)  # OpenCLIP's (name, tag) pair
     assert (tmp_path / "cache" / "weights" / "tiny.safetensors").is_file()
+    assert open_model("openclip/Tiny:web")[1].preprocess is None  # OpenAI's statistics
+    # A name whose images OpenCLIP normalizes otherwise carries the statistics that load() builds its
+    # transform from, as an OpenCLIP hub directory's preprocess_cfg does.
+    inception = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    monkeypatch.setitem(
+        registry.OPENCLIP_PRETRAINED, "openclip/Tiny:web", dataclasses.replace(weights, preprocess=inception)
+    )
+    monkeypatch.setattr(clipforge.tokenizer, "get_tokenizer", stub_tokenizer)
+    for _, preprocess, _ in (load("openclip/Tiny:web"), load("openclip/Tiny", pretrained="web")):
+        assert [float(x) for x in (*preprocess.mean, *preprocess.std)] == [0.5] * 6
     wrong = dataclasses.replace(weights, sha256="0" * 64, cache_name="other.safetensors")
     monkeypatch.setitem(registry.OPENCLIP_PRETRAINED, "openclip/Tiny:web", wrong)
     with pytest.raises(ValueError, match="SHA-256"):

@@ -215,16 +215,13 @@ def resolve(
 
     `pretrained` is a path, or an OpenCLIP tag with an OpenCLIP architecture ("openclip/ViT-B-32",
     "laion2b_s34b_b79k"), which names the weights "openclip/ViT-B-32:laion2b_s34b_b79k"."""
-    if isinstance(name_or_path, str) and isinstance(pretrained, str):
-        tagged = f"{name_or_path}:{pretrained}"
-        if registry.has_pretrained(tagged):
-            name_or_path, pretrained = tagged, None
+    registered = registry.registered_name(name_or_path, pretrained)
+    if registered is not None:
+        return get_config(registry.architecture(registered)), registry.fetch(registered)
     if pretrained is not None and pretrained != "openai":
         return _architecture(name_or_path), Path(pretrained)  # type: ignore[arg-type]
     if isinstance(name_or_path, CLIPConfig):
         raise CheckpointError("a CLIPConfig names no weights: pass pretrained=<path> with it")
-    if isinstance(name_or_path, str) and registry.has_pretrained(name_or_path):
-        return get_config(registry.architecture(name_or_path)), registry.fetch(name_or_path)
     if os.path.exists(name_or_path):
         return None, Path(name_or_path)
     names = ", ".join(registry.available_pretrained())
@@ -261,6 +258,9 @@ def _open(
     and no safetensors data is read before every tensor is known to fit."""
     named, path = resolve(name_or_path, pretrained)
     weights = read_weights(path, tensors=False)
+    registered = registry.registered_name(name_or_path, pretrained)
+    if registered is not None and weights.preprocess is None:  # a bare weights file: the registry knows
+        weights.preprocess = registry.get_pretrained(registered).preprocess
     config = _choose_config(named, weights, path)
     if weights.note and named is None and weights.config is None:
         warnings.warn(weights.note, stacklevel=3)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clipforge.checkpoints.safe_unpickle import CheckpointError
 from clipforge.models.config import ALIASES
@@ -31,6 +32,7 @@ class PretrainedWeights:
     sha256: str
     architecture: str = ""  # a name in MODEL_CONFIGS; "": the same as the weights' name
     cache_name: str = ""  # the file's name in the cache; "": the URL's last segment
+    preprocess: dict[str, tuple[float, float, float]] | None = None  # {"mean", "std"} when not OpenAI's
 
     @property
     def filename(self) -> str:
@@ -78,13 +80,14 @@ OPENCLIP_PRETRAINED: dict[str, PretrainedWeights] = {
     # digest after hf_hub_download at this revision, and a retrieval-asset preparation script that checks
     # the Hugging Face cache blob named by the digest). The size is that of an fp32 safetensors file of
     # the 427,616,513 parameters of "openclip/ViT-L-14". OpenCLIP normalizes this model's images with
-    # mean = std = (0.5, 0.5, 0.5), not OpenAI's statistics (see docs/interop.md).
+    # mean = std = (0.5, 0.5, 0.5), not OpenAI's statistics (its pretrained list's "inception" norm).
     "openclip/ViT-L-14:laion2b_s32b_b82k": PretrainedWeights(
         f"{_HF}/laion/CLIP-ViT-L-14-laion2B-s32B-b82K/resolve/1627032197142fbe2a7cfec626f4ced3ae60d07a/"
         "open_clip_pytorch_model.safetensors",
         "7d129ed747e0ed53e82dfcc140382b51be66b56e6a9bdc3258afd2846e3bb019",
         architecture="openclip/ViT-L-14",
         cache_name="openclip-ViT-L-14-laion2b_s32b_b82k.safetensors",
+        preprocess={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
     ),
     # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, open_clip_model.safetensors (3,944,517,836 bytes). Digest:
     # pinned with this revision and size by a public research project whose checks compare it with the
@@ -117,6 +120,20 @@ def canonical_name(name: str) -> str:
 
 def has_pretrained(name: str) -> bool:
     return canonical_name(name) in _all()
+
+
+def registered_name(name_or_path: Any, pretrained: Any = None) -> str | None:
+    """The registry's name for what `load(name_or_path, pretrained)` downloads, or None for local files.
+
+    `pretrained` may be an OpenCLIP tag beside an OpenCLIP architecture ("openclip/ViT-B-32",
+    "laion2b_s34b_b79k" names "openclip/ViT-B-32:laion2b_s34b_b79k")."""
+    if not isinstance(name_or_path, str):
+        return None
+    if isinstance(pretrained, str) and has_pretrained(f"{name_or_path}:{pretrained}"):
+        return f"{name_or_path}:{pretrained}"
+    if pretrained in (None, "openai") and has_pretrained(name_or_path):
+        return name_or_path
+    return None
 
 
 def get_pretrained(name: str) -> PretrainedWeights:
