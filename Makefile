@@ -16,7 +16,7 @@ ifneq ($(wildcard $(SHARED_BPE)),)
 export CLIPFORGE_BPE_PATH ?= $(SHARED_BPE)
 endif
 
-.PHONY: setup setup-floors setup-ref test lint demo pictext browser
+.PHONY: setup setup-floors setup-ref test lint demo pictext finetune-pictext browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -72,3 +72,9 @@ demo: setup
 pictext: setup
 	$(BIN)/clipforge train configs/pictext-tiny.toml
 	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-tiny/step-00000600
+
+# The fine-tuning recipe (docs/fine-tuning.md): the pictext model (trained first when missing), fine-tuned
+# on the Google emoji style three ways, each merged back at several WiSE-FT weights and evaluated.
+finetune-pictext: setup
+	test -f runs/pictext-tiny/step-00000600/config.json || $(BIN)/clipforge train configs/pictext-tiny.toml
+	$(BIN)/python -m bench.finetune --base runs/pictext-tiny/step-00000600 --out runs/finetune-pictext

@@ -10,6 +10,8 @@ file cannot turn the tokenizer's tests into silent skips.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import math
@@ -17,9 +19,10 @@ import os
 import socket
 import struct
 import tarfile
+import threading
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +409,44 @@ def run_processes(target, count: int, args: tuple, timeout: float) -> None:
             p.join()
     codes = [p.exitcode for p in procs]
     assert codes == [0] * count, f"worker exit codes {codes}: a process failed or ran past {timeout} s"
+
+
+# A recipe of the smallest model on synthetic data, two steps, for the tests of `clipforge train`'s checks.
+MICRO_RECIPE = """
+[model]
+name = "ViT-Micro-16-32"
+[data]
+batch_size = 4
+context_length = 16
+synthetic_samples = 16
+[schedule]
+steps = 2
+warmup_steps = 1
+[eval]
+every = -1
+[run]
+progress = false
+threads = 1
+"""
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def file_server(tmp_path) -> Iterator[tuple[str, Path, http.server.ThreadingHTTPServer]]:
+    """(base URL, served directory, the server) of an HTTP server on 127.0.0.1, shut down after the test:
+    downloads are tested against it, since no model hub is reachable from the tests."""
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root)
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root, httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import re
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -55,26 +52,6 @@ def test_unknown_names_list_what_is_available():
         load_model("ViT-Z-99", pretrained="weights.pt")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server(tmp_path):
-    """(base URL, served directory) of an HTTP server on 127.0.0.1."""
-    root = tmp_path / "served"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root)
-    )
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root, httpd
-    httpd.shutdown()
-    httpd.server_close()
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
@@ -82,9 +59,9 @@ def cache(tmp_path, monkeypatch):
     return path
 
 
-def _publish(server, name: str = "ViT-Nano-16-64") -> tuple[torch.nn.Module, str, str]:
+def _publish(file_server, name: str = "ViT-Nano-16-64") -> tuple[torch.nn.Module, str, str]:
     """A tiny model in OpenAI's layout (fp16 + extras) on the server: (model, url, sha256)."""
-    base, root, _ = server
+    base, root, _ = file_server
     torch.manual_seed(0)
     model = create_model(name).eval()
     extras = {"input_resolution": torch.tensor(64), "context_length": torch.tensor(77)}
@@ -92,8 +69,8 @@ def _publish(server, name: str = "ViT-Nano-16-64") -> tuple[torch.nn.Module, str
     return model, f"{base}/tiny.pt", hashlib.sha256((root / "tiny.pt").read_bytes()).hexdigest()
 
 
-def test_download_then_load_then_reuse_the_cache(server, cache, monkeypatch):
-    model, url, sha = _publish(server)
+def test_download_then_load_then_reuse_the_cache(file_server, cache, monkeypatch):
+    model, url, sha = _publish(file_server)
     monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(url, sha))
 
     def stub_tokenizer(path=None, context_length=None):  # OpenAI's vocabulary is not needed here
@@ -108,20 +85,20 @@ def test_download_then_load_then_reuse_the_cache(server, cache, monkeypatch):
         assert value.dtype == torch.float32
         assert torch.equal(value, model.state_dict()[key].half().float()), key
 
-    server[2].shutdown()  # no network now: the verified cached file is used
+    file_server[2].shutdown()  # no network now: the verified cached file is used
     assert torch.equal(load_model("ViT-Nano-16-64").logit_scale, loaded.logit_scale)
 
 
-def test_bad_checksum_keeps_nothing(server, cache, monkeypatch):
-    _, url, _ = _publish(server)
+def test_bad_checksum_keeps_nothing(file_server, cache, monkeypatch):
+    _, url, _ = _publish(file_server)
     monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(url, "0" * 64))
     with pytest.raises(ChecksumError, match="0" * 64):
         load_model("ViT-Nano-16-64")
     assert not any(p.is_file() for p in cache.rglob("*"))  # no partial or unverified file
 
 
-def test_missing_file_on_the_server_is_an_error(server, cache, monkeypatch):
-    base, _, _ = server
+def test_missing_file_on_the_server_is_an_error(file_server, cache, monkeypatch):
+    base, _, _ = file_server
     monkeypatch.setitem(PRETRAINED, "ViT-Nano-16-64", registry.PretrainedWeights(f"{base}/nope.pt", "0" * 64))
     with pytest.raises(OSError, match="404"):
         load_model("ViT-Nano-16-64")

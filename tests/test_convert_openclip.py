@@ -8,13 +8,10 @@ encodes; open_clip writes, clipforge loads and encodes. Without the variable the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
 import json
 import os
 import subprocess
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -271,29 +268,8 @@ def test_a_directory_nothing_recognizes_is_named(tmp_path):
 # ---- pretrained names ---------------------------------------------------------------------------------
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def served(tmp_path):
-    """(base URL, served directory) of an HTTP server on 127.0.0.1, shut down after the test."""
-    root = tmp_path / "served"
-    root.mkdir()
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=root)
-    )
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
-
-
-def test_openclip_pretrained_names_download_verify_and_load(served, tmp_path, monkeypatch):
-    base, root = served
+def test_openclip_pretrained_names_download_verify_and_load(file_server, tmp_path, monkeypatch):
+    base, root, _ = file_server
     monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
     model = randomized_model(tiny_config("gelu"), layernorms=True)
     from safetensors.torch import save_file

@@ -18,7 +18,7 @@ from clipforge.models.resize import resize_grid_embedding
 from clipforge.train.loop import Trainer, build_model, build_optimizer
 from clipforge.train.model import tower_layers
 from clipforge.train.optim import WarmupCosine, set_lr
-from conftest import tiny_config  # with conftest's `tokenizer_dir`: a 600-id vocabulary
+from conftest import MICRO_RECIPE, tiny_config  # with conftest's `tokenizer_dir`: a 600-id vocabulary
 
 VOCAB = 600
 NANO = ("--model.name", "ViT-Nano-16-64", "--data.batch_size", "8", "--data.synthetic_samples", "16")
@@ -261,22 +261,6 @@ def test_pretrained_weights_start_a_larger_image_and_a_shorter_context(
 
 # ---- refused before anything is written ------------------------------------------------------------------
 
-RECIPE = """
-[model]
-name = "ViT-Micro-16-32"
-[data]
-batch_size = 4
-context_length = 16
-synthetic_samples = 16
-[schedule]
-steps = 2
-warmup_steps = 1
-[eval]
-every = -1
-[run]
-progress = false
-threads = 1
-"""
 
 LOCK_IMAGE = ("--model.lock_image", "true")
 CASES = {
@@ -318,7 +302,7 @@ def test_a_bad_value_is_one_line_exit_2_and_nothing_written(
 ):
     field, *args = CASES[name]
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(MICRO_RECIPE)
     args = [a.replace("{nano}", str(pretrained_nano[0])) for a in args]
     argv = [
         "train",

@@ -15,24 +15,7 @@ from clipforge.configs import ConfigError, load_toml, toml_value
 from clipforge.train import validate as validate_module
 from clipforge.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from clipforge.train.loop import train
-from conftest import colour_png, labelled_samples, tiny_config, write_shard
-
-RECIPE = """
-[model]
-name = "ViT-Micro-16-32"
-[data]
-batch_size = 4
-context_length = 16
-synthetic_samples = 16
-[schedule]
-steps = 2
-warmup_steps = 1
-[eval]
-every = -1
-[run]
-progress = false
-threads = 1
-"""
+from conftest import MICRO_RECIPE, colour_png, labelled_samples, tiny_config, write_shard
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +38,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(tmp_path: Path, tokenizer_dir: Path, *args: str) -> list[str]:
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(MICRO_RECIPE)
     base = [
         "train",
         str(recipe),
