@@ -65,16 +65,22 @@ def inside(directory: Path, relative: str, what: str) -> Path:
     return path
 
 
+def read_json(path: Path, max_bytes: int, what: str) -> Any:
+    """A JSON file from a model directory (untrusted): its size bounded before it is read, any failure a
+    `CheckpointError` naming the file."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise CheckpointError(f"{path} is over {max_bytes:,} bytes: not {what}")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The parsed `config.json` of a clipforge directory, format-checked (the model config unparsed)."""
     directory = Path(directory)
     path = inside(directory, CONFIG_FILE, "the config")
-    if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_CONFIG_BYTES:,} bytes: not a model config")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+    meta = read_json(path, MAX_CONFIG_BYTES, "a model config")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f'{path} is not a clipforge config (no "format": "{FORMAT}")')
     version = meta.get("format_version")

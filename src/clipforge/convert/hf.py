@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipforge.atomic import write_directory
+from clipforge.checkpoints import native
 from clipforge.checkpoints.fit import check_tokenizer_fits, expected_tensors, listing
 from clipforge.checkpoints.native import inside
 from clipforge.checkpoints.safe_unpickle import CheckpointError, is_zip_archive, read_archive, read_legacy
@@ -157,12 +158,7 @@ def read_hf(path: str | os.PathLike) -> tuple[CLIPConfig, StateDict, ClipTokeniz
 
 def read_json(path: Path) -> Any:
     """A JSON file of a model directory, bounded in size."""
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_JSON_BYTES:,} bytes: not a model's JSON file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return native.read_json(path, MAX_JSON_BYTES, "a model's JSON file")
 
 
 def _weight_shards(directory: Path) -> tuple[Path, list[Path]]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from clipforge.checkpoints import native
 from clipforge.checkpoints.native import unshared_tensors
 from clipforge.checkpoints.safe_unpickle import CheckpointError
 from clipforge.models.config import MODEL_CONFIGS, PAPER_MODELS, CLIPConfig
@@ -194,12 +195,7 @@ def preprocess_cfg(config: CLIPConfig) -> dict[str, Any]:
 
 
 def read_json(path: Path) -> Any:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path} is over {MAX_JSON_BYTES:,} bytes: not an OpenCLIP config")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+    return native.read_json(path, MAX_JSON_BYTES, "an OpenCLIP config")
 
 
 def is_hub_dir(directory: str | os.PathLike) -> bool:
