@@ -1,0 +1,62 @@
+"""The fine-tuning recipe's split of the pictext shards: by style, by class, the same on every run."""
+
+from __future__ import annotations
+
+import json
+
+from bench.finetune import TRAIN_SHARDS, _is_train_class, split_shards
+
+from conftest import read_shard, write_shard
+
+CLASSES = [f"emoji {i}" for i in range(40)]
+
+
+def _sample(key: str, **meta) -> dict:
+    return {"__key__": key, "png": b"\x89PNG", "txt": b"a caption", "json": json.dumps(meta).encode()}
+
+
+def _pictext(root):
+    samples = []
+    for i, label in enumerate(CLASSES):
+        samples.append(_sample(f"emoji-google-{i}", source="emoji", style="google", label=label, skin=None))
+        samples.append(_sample(f"emoji-google-{i}-dark", source="emoji", style="google", label=label, skin=5))
+        samples.append(
+            _sample(f"emoji-openmoji-{i}", source="emoji", style="openmoji", label=label, skin=None)
+        )
+        samples.append(
+            _sample(f"emoji-openmoji-{i}-dark", source="emoji", style="openmoji", label=label, skin=5)
+        )
+    samples.append(
+        _sample("emoji-openmoji-x", source="emoji", style="openmoji", label="not a class", skin=None)
+    )
+    samples.append(_sample("openclipart-1", source="openclipart", path="a/b.png"))
+    root.mkdir()
+    write_shard(root / "train-000.tar", samples[: len(samples) // 2])
+    write_shard(root / "train-001.tar", samples[len(samples) // 2 :])
+    (root / "classes-emoji.json").write_text(json.dumps(CLASSES))
+    return root
+
+
+def test_the_split_is_by_style_and_class(tmp_path):
+    pictext = _pictext(tmp_path / "pictext")
+    counts = split_shards(pictext, tmp_path / "out")
+    train = {}
+    for i in range(TRAIN_SHARDS):
+        train.update(read_shard(tmp_path / "out" / f"google-train-{i}.tar"))
+    test = read_shard(tmp_path / "out" / "google-test.tar")
+    openmoji = read_shard(tmp_path / "out" / "openmoji-test.tar")
+    labels = {
+        name: {json.loads(s["json"])["label"] for s in d.values()}
+        for name, d in (("train", train), ("test", test))
+    }
+    assert (
+        labels["train"] and labels["test"] and not labels["train"] & labels["test"]
+    )  # no class on both sides
+    assert labels["train"] == {c for c in CLASSES if _is_train_class(c)}
+    assert len(train) == 2 * len(labels["train"])  # every skin-tone variant of a training class
+    assert not any(key.endswith("-dark") for key in test)  # the test sets hold plain images only
+    assert sorted(openmoji) == sorted(f"emoji-openmoji-{i}" for i in range(len(CLASSES)))
+    assert all(set(s) == {"png", "txt", "json"} for s in (*train.values(), *test.values()))
+    assert sum(counts.values()) == len(train) + len(test) + len(openmoji)
+    again = split_shards(pictext, tmp_path / "again")
+    assert again == counts and read_shard(tmp_path / "again" / "google-test.tar") == test
