@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
 SETS = {  # set name -> (title, file under OUT/data, or the pictext file)
     "in_domain": ("Google (fine-tuned style, unseen emoji)", "google-test.tar"),
     "other_style": ("OpenMoji (other training style)", "openmoji-test.tar"),
@@ -44,7 +44,7 @@ TRAIN_SHARDS = 4
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", default="runs/pictext-tiny/step-00000600", help="the zero-shot model")
-    p.add_argument("--pictext", default=str(ROOT.parent / "shared" / "data" / "pictext"))
+    p.add_argument("--pictext", default="../shared/data/pictext", help="the pictext corpus")
     p.add_argument("--out", default="runs/finetune-pictext", help="split shards and fine-tuned runs")
     p.add_argument("--report", default="runs/finetune-pictext/report", help="results.{json,md,png}")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
@@ -121,7 +121,7 @@ def _run(cmd: list[str], log: Path) -> float:
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
     with log.open("w") as f:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if code:
         sys.exit(f"{cmd[1]} {cmd[2]} failed (exit {code}); see {log}")
     return time.perf_counter() - start
@@ -133,12 +133,16 @@ def commands(args: argparse.Namespace, data: Path) -> dict[str, tuple[list[str],
     classes = f"--data.classes={Path(args.pictext) / 'classes-emoji.json'}"
     train, test = data / f"google-train-{{0..{TRAIN_SHARDS - 1}}}.tar", data / "google-test.tar"
     classify = [
-        "configs/finetune-pictext-classify.toml",
+        str(RECIPES / "finetune-pictext-classify.toml"),
         f"--model={args.base}",
-        f"--out_dir={out / 'classify'}",
+        f"--data.train={train}",
     ]
-    classify += [f"--data.train={train}", f"--data.eval={test}", classes]
-    flyp = ["configs/finetune-pictext-flyp.toml", f"--model.pretrained={args.base}", f"--data.path={train}"]
+    classify += [f"--out_dir={out / 'classify'}", f"--data.eval={test}", classes]
+    flyp = [
+        str(RECIPES / "finetune-pictext-flyp.toml"),
+        f"--model.pretrained={args.base}",
+        f"--data.path={train}",
+    ]
     flyp += [f"--eval.data={test}", classes, classes.replace("--data.", "--eval.")]
     return {
         "fine-tune": ([clipforge, "finetune", *classify], out / "classify" / "model"),
