@@ -1,12 +1,12 @@
 """Everything a training run needs, checked before anything is written.
 
 The config's values are checked when it is made (`train/config.py`, `DataConfig.validate`); this module
-checks what they point at: the device, the model (`validate_model`: the architecture name, the tokenizer and
-the starting weights), the data and evaluation files, the run directory and the checkpoint to resume. Each check is cheap: file kinds and
-headers, at most a batch's worth of shard samples counted, and the lists a run makes at its start anyway (a
-CSV's rows, a folder's images, the evaluation set's labels), made once more. The first problem raises a
-`ConfigError` of one line, `field = value: what is wrong`. `train()` calls `validate_run` before it
-creates the run directory.
+checks what they point at: the device, the model (`validate_model`: the architecture name, the tokenizer
+and the starting weights), the data and evaluation files, the run directory and the checkpoint to resume.
+Each check is cheap: file kinds and headers, at most a batch's worth of shard samples counted, and the lists
+a run makes at its start anyway (a CSV's rows, a folder's images, the evaluation set's labels), made once
+more. The first problem raises a `ConfigError` of one line, `field = value: what is wrong`. `train()` calls
+`validate_run` before it creates the run directory.
 """
 
 from __future__ import annotations
