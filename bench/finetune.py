@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import json
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from bench.shards import add, samples
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs"
 SETS = {  # set name -> (title, file under OUT/data, or the pictext file)
@@ -69,29 +70,6 @@ def _destination(meta: dict[str, Any], classes: set[str]) -> str | None:
     return "openmoji-test.tar" if style == "openmoji" and plain else None
 
 
-def _samples(shard: Path):
-    """(key, {extension: bytes}) of a webdataset shard, in order."""
-    key, members = None, {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, ext = member.name.split(".", 1)
-            if stem != key and members:
-                yield key, members
-                members = {}
-            key, members[ext] = stem, tar.extractfile(member).read()
-    if members:
-        yield key, members
-
-
-def _add(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
-    for ext, data in members.items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-
-
 def split_shards(pictext: Path, out: Path) -> dict[str, int]:
     """Write the three sets (each file renamed into place when complete); returns their sizes."""
     classes = set(json.loads((pictext / "classes-emoji.json").read_text()))
@@ -101,13 +79,13 @@ def split_shards(pictext: Path, out: Path) -> dict[str, int]:
     with contextlib.ExitStack() as stack:
         tars = {name: stack.enter_context(tarfile.open(out / f"{name}.partial", "w")) for name in names}
         for shard in sorted(pictext.glob("train-*.tar")):
-            for key, members in _samples(shard):
+            for key, members in samples(shard):
                 name = _destination(json.loads(members["json"]), classes)
                 if name == "google-train":  # dealt round the shards: one per data-loading worker
                     name = f"google-train-{sum(counts[n] for n in names[:TRAIN_SHARDS]) % TRAIN_SHARDS}.tar"
                 if name is not None:
                     counts[name] += 1
-                    _add(tars[name], key, members)
+                    add(tars[name], key, members)
     for name in names:
         (out / f"{name}.partial").rename(out / name)
     return counts

@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipe", default="configs/pictext-tiny.toml")
     parser.add_argument("--suite", default="configs/eval-pictext.toml")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--warmup", type=int, help="warmup steps of every run (default: 10%% of --steps)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names, or 'name=--a.b 1 ...'")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--extra", default="", help="flags added to every run, e.g. '--data.workers 2'")
@@ -128,7 +129,8 @@ def run_one(args: argparse.Namespace, name: str, flags: list[str], seed: int) ->
     results = run_dir / "eval" / "results.json"
     if results.exists():
         return run_dir
-    warmup = max(1, args.steps // 10)  # the recipe's 10% warmup, at any length
+    # The pictext recipe's 10% warmup at any length, unless given.
+    warmup = max(1, args.steps // 10) if args.warmup is None else args.warmup
     start = time.perf_counter()
     clipforge(
         "train", args.recipe, *flags, *args.extra.split(),

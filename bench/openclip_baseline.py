@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
     budget.add_argument("--samples", type=int, help="samples to train on, a multiple of the batch size")
+    p.add_argument("--epochs", type=int, default=1, help="OpenCLIP epochs, the steps split evenly over them")
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument("--warmup", type=int, help="warmup steps (default: the recipe's)")
     p.add_argument("--workers", type=int, help="data loader workers (default: the recipe's)")
@@ -140,7 +141,7 @@ def last_log_line(plan: Plan) -> str:
 
 def final_state_dict(plan: Plan) -> dict[str, torch.Tensor]:
     """The model weights of OpenCLIP's last checkpoint, `module.` prefix stripped."""
-    path = plan.out / RUN_NAME / "checkpoints" / "epoch_1.pt"
+    path = plan.out / RUN_NAME / "checkpoints" / f"epoch_{plan.epochs}.pt"
     sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if "logit_bias" in sd or "text_projection" not in sd:

@@ -36,6 +36,7 @@ class Plan:
     recipe: TrainConfig
     config: CLIPConfig  # the clipforge architecture the OpenCLIP model must equal
     steps: int
+    epochs: int  # OpenCLIP's epochs: the steps are split evenly over them
     batch_size: int
     warmup: int
     workers: int
@@ -54,14 +55,17 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.samples % batch:
             raise SystemExit(f"--samples {args.samples} is not a multiple of the batch size {batch}")
         steps = args.samples // batch
+    if steps % args.epochs:
+        raise SystemExit(f"{steps} steps do not split evenly into --epochs {args.epochs}")
     workers = recipe.data.workers if args.workers is None else args.workers
     # OpenCLIP gives every worker the same number of batches, rounding the total up to a multiple.
-    if workers > 1 and steps % workers:
+    if workers > 1 and (steps // args.epochs) % workers:
         raise SystemExit(f"{steps} steps: OpenCLIP would round up to a multiple of {workers} (--workers)")
     return Plan(
         recipe=recipe,
         config=architecture(recipe),
         steps=steps,
+        epochs=args.epochs,
         batch_size=batch,
         warmup=recipe.schedule.warmup_steps if args.warmup is None else args.warmup,
         workers=workers,
@@ -144,8 +148,8 @@ def openclip_argv(plan: Plan) -> list[str]:
         "--model", r.model.name,
         "--train-data", repo_path(r.data.path),
         "--dataset-type", "webdataset",
-        "--train-num-samples", str(plan.steps * plan.batch_size),
-        "--epochs", "1",
+        "--train-num-samples", str(plan.steps // plan.epochs * plan.batch_size),
+        "--epochs", str(plan.epochs),
         "--batch-size", str(plan.batch_size),
         "--workers", str(plan.workers),
         "--lr", str(r.optim.lr),

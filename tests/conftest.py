@@ -218,6 +218,33 @@ def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
     return dict(sorted(samples.items()))
 
 
+# A pictext-like corpus: emoji in two styles, with skin-tone variants, one emoji outside the classes and
+# one clip-art image, over two shards (the benchmarks that split pictext read this layout).
+PICTEXT_CLASSES = [f"emoji {i}" for i in range(40)]
+
+
+def _pictext_sample(key: str, caption: str = "a caption", **meta) -> dict:
+    return {"__key__": key, "png": b"\x89PNG", "txt": caption.encode(), "json": json.dumps(meta).encode()}
+
+
+def fake_pictext(root: Path) -> Path:
+    samples = []
+    for i, label in enumerate(PICTEXT_CLASSES):
+        for style in ("google", "openmoji"):
+            meta = {"source": "emoji", "style": style, "label": label}
+            samples.append(_pictext_sample(f"emoji-{style}-{i}", f"{label}\n{style}", skin=None, **meta))
+            samples.append(_pictext_sample(f"emoji-{style}-{i}-dark", label, skin=5, **meta))
+    samples.append(
+        _pictext_sample("emoji-openmoji-x", source="emoji", style="openmoji", label="not a class", skin=None)
+    )
+    samples.append(_pictext_sample("openclipart-1", "a tree", source="openclipart", path="a/b.png"))
+    root.mkdir()
+    write_shard(root / "train-000.tar", samples[: len(samples) // 2])
+    write_shard(root / "train-001.tar", samples[len(samples) // 2 :])
+    (root / "classes-emoji.json").write_text(json.dumps(PICTEXT_CLASSES))
+    return root
+
+
 # ----------------------------------------------------------------------------------------------------
 # Labelled evaluation data
 # ----------------------------------------------------------------------------------------------------

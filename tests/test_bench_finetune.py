@@ -6,39 +6,12 @@ import json
 
 from bench.finetune import TRAIN_SHARDS, _is_train_class, split_shards
 
-from conftest import read_shard, write_shard
-
-CLASSES = [f"emoji {i}" for i in range(40)]
-
-
-def _sample(key: str, **meta) -> dict:
-    return {"__key__": key, "png": b"\x89PNG", "txt": b"a caption", "json": json.dumps(meta).encode()}
-
-
-def _pictext(root):
-    samples = []
-    for i, label in enumerate(CLASSES):
-        samples.append(_sample(f"emoji-google-{i}", source="emoji", style="google", label=label, skin=None))
-        samples.append(_sample(f"emoji-google-{i}-dark", source="emoji", style="google", label=label, skin=5))
-        samples.append(
-            _sample(f"emoji-openmoji-{i}", source="emoji", style="openmoji", label=label, skin=None)
-        )
-        samples.append(
-            _sample(f"emoji-openmoji-{i}-dark", source="emoji", style="openmoji", label=label, skin=5)
-        )
-    samples.append(
-        _sample("emoji-openmoji-x", source="emoji", style="openmoji", label="not a class", skin=None)
-    )
-    samples.append(_sample("openclipart-1", source="openclipart", path="a/b.png"))
-    root.mkdir()
-    write_shard(root / "train-000.tar", samples[: len(samples) // 2])
-    write_shard(root / "train-001.tar", samples[len(samples) // 2 :])
-    (root / "classes-emoji.json").write_text(json.dumps(CLASSES))
-    return root
+from conftest import PICTEXT_CLASSES as CLASSES
+from conftest import fake_pictext, read_shard
 
 
 def test_the_split_is_by_style_and_class(tmp_path):
-    pictext = _pictext(tmp_path / "pictext")
+    pictext = fake_pictext(tmp_path / "pictext")
     counts = split_shards(pictext, tmp_path / "out")
     train = {}
     for i in range(TRAIN_SHARDS):
