@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from clipforge.train.ema import EMA_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> flags changed from the recipe. Each is one lever, alone.
@@ -40,6 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "context-16": ["--data.context_length", "16"],  # captions average 6 words; 16 tokens cuts few
     "temperature-fixed": ["--loss.learn_temperature", "false"],  # 1/0.07 throughout
     "temperature-0.03": ["--loss.init_temperature", "0.03"],  # start sharper (scale 33)
+    "ema-0.99": ["--optim.ema", "0.99"],  # evaluate a moving average of the weights
 }
 
 # OpenCLIP's training log line: "Train Epoch: 0 [ 1408/76800 (2%)] ... Loss: 4.7907 (4.8872)".
@@ -139,7 +142,9 @@ def run_one(args: argparse.Namespace, name: str, flags: list[str], seed: int) ->
         "--run.checkpoint_every", "0", "--eval.every", "-1",
     )  # fmt: skip
     train_s = time.perf_counter() - start
-    clipforge("eval", "suite", args.suite, "--model", str(run_dir / f"step-{args.steps:08d}"),
+    model = run_dir / f"step-{args.steps:08d}"
+    model = model / EMA_DIR if (model / EMA_DIR).is_dir() else model  # with optim.ema: the average
+    clipforge("eval", "suite", args.suite, "--model", str(model),
               "--out", str(run_dir / "eval"), "--no-progress")  # fmt: skip
     (run_dir / "timing.json").write_text(json.dumps({"train_s": train_s, "flags": flags}) + "\n")
     return run_dir

@@ -3,7 +3,8 @@
 A checkpoint is a directory `step-00000200/` in the run directory:
 - the model as a clipforge directory (`config.json` + `model.safetensors`), so `clipforge.load()` reads it;
 - `optimizer.safetensors`: the AdamW moments and step counts;
-- `trainer_state.json`: the step, the data position, the skip counts, the resolved config.
+- `trainer_state.json`: the step, the data position, the skip counts, the resolved config;
+- with `optim.ema`, `ema/`: the weights' moving average, as a clipforge directory of its own.
 It is assembled in a hidden temporary directory and renamed into place, so a run killed at any moment
 leaves either a whole checkpoint or none. No pickle anywhere: nothing in a checkpoint can run code.
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from clipforge.atomic import fsync_path
 from clipforge.checkpoints.native import save_native
+from clipforge.train.ema import EMA_DIR
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -95,10 +97,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     tokenizer: Any | None = None,
     keep: int = 2,
+    average: torch.nn.Module | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
     tmp = _start(run_dir, step)
     save_native(model, tmp, tokenizer=tokenizer)
+    if average is not None:
+        save_native(average, tmp / EMA_DIR, tokenizer=tokenizer)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, tmp / OPTIMIZER_FILE)
     fsync_path(tmp / OPTIMIZER_FILE)

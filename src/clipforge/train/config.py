@@ -114,6 +114,9 @@ class OptimConfig:
     # lr * layer_decay**(depth - i) (embeddings i = 0, blocks 1..depth; what follows the blocks: lr).
     # 1: off.
     layer_decay: float = 1.0
+    # Keep a moving average of the weights with this decay per step (0: off); evaluation scores it and
+    # checkpoints save it as `ema/` (train/ema.py).
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         require(_finite_positive(self.lr), "optim.lr", self.lr, FINITE_POSITIVE)
@@ -127,6 +130,7 @@ class OptimConfig:
         require(_finite_non_negative(clip), "optim.grad_clip", clip, FINITE_NON_NEGATIVE + " (0: off)")
         decay = self.layer_decay
         require(0.0 < decay <= 1.0, "optim.layer_decay", decay, "must be in (0, 1] (1: off)")
+        require(0.0 <= self.ema < 1.0, "optim.ema", self.ema, "must be in [0, 1) (0: off)")
 
 
 @dataclass
@@ -213,3 +217,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         f, lr = self.schedule.final_lr, self.optim.lr
         require(f <= lr, "schedule.final_lr", f, f"more than optim.lr = {lr}: the cosine would rise")
+        require(
+            self.optim.ema == 0 or self.run.strategy == "ddp",
+            "optim.ema",
+            self.optim.ema,
+            "needs run.strategy = 'ddp' (a sharded run keeps no whole model to average)",
+        )

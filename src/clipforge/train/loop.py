@@ -37,6 +37,7 @@ from clipforge.train.checkpointing import (
     save_sharded_checkpoint,
 )
 from clipforge.train.config import TrainConfig
+from clipforge.train.ema import WeightAverage
 from clipforge.train.evaluation import eval_set, make_evaluator
 from clipforge.train.loss import BatchLoss
 from clipforge.train.metrics import CURVES_FILE, MetricsLog, plot_curves
@@ -166,6 +167,10 @@ class Trainer:
         if checkpoint is not None:
             self.state.update(load_checkpoint(checkpoint, self.model, self.optimizer))
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        # The weights' moving average (optim.ema), made from the weights the run starts with.
+        self.average = WeightAverage(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
+        if self.average is not None and checkpoint is not None and not self.average.load(checkpoint):
+            log.warning("%s holds no weight average: it restarts from the restored weights", checkpoint)
         if w.is_main:
             _prepare_run_dir(cfg)
 
@@ -209,6 +214,8 @@ class Trainer:
             speed.stop(samples)
             bad_in_a_row, loss = 0, result.loss
             state["step"] = step = step + 1
+            if self.average is not None:
+                self.average.update(self.model, step)
             self._report(step, result, speed.recent(), metrics, progress)
             self._maybe_evaluate(step, metrics, progress)
             self._maybe_checkpoint(step)
@@ -292,7 +299,7 @@ class Trainer:
         model = self.parallel.whole_model(self.model)  # gathered on rank 0 when sharded: all take part
         if self.evaluate is None:
             return
-        scores = self.evaluate(model)
+        scores = self.evaluate(model if self.average is None else self.average.model)
         self.state["last_zeroshot"] = scores
         metrics.write(step, **{f"zeroshot_{k}": v for k, v in scores.items()})
         progress.note(f"step {step}: zero-shot " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
@@ -308,6 +315,7 @@ class Trainer:
         trainer_state = {k: self.state[k] for k in ("batches", "skipped", "last_zeroshot")}
         trainer_state["config"] = to_dict(self.cfg)
         keep = self.cfg.run.keep_checkpoints
+        average = None if self.average is None else self.average.model
         if self.parallel.sharded:  # each process writes its shards
             whole = self.parallel.whole_model(self.model)
             self.last_checkpoint = save_sharded_checkpoint(
@@ -315,7 +323,7 @@ class Trainer:
             )
         elif self.world.is_main:  # every process holds the same model and optimizer state
             self.last_checkpoint = save_checkpoint(
-                self.run_dir, step, self.model, self.optimizer, trainer_state, self.tokenizer, keep
+                self.run_dir, step, self.model, self.optimizer, trainer_state, self.tokenizer, keep, average
             )
         barrier()  # no process runs ahead of a checkpoint that is still being written
 
