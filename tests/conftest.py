@@ -218,6 +218,11 @@ def read_shard(path: Path) -> dict[str, dict[str, bytes]]:
     return dict(sorted(samples.items()))
 
 
+def read_shards(paths: Iterable[Path]) -> dict[str, dict[str, bytes]]:
+    """The samples of several shards, merged: `read_shard` over each."""
+    return {key: sample for path in paths for key, sample in read_shard(path).items()}
+
+
 # A pictext-like corpus: emoji in two styles, with skin-tone variants, one emoji outside the classes and
 # one clip-art image, over two shards (the benchmarks that split pictext read this layout).
 PICTEXT_CLASSES = [f"emoji {i}" for i in range(40)]

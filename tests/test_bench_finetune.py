@@ -7,15 +7,13 @@ import json
 from bench.finetune import TRAIN_SHARDS, _is_train_class, split_shards
 
 from conftest import PICTEXT_CLASSES as CLASSES
-from conftest import fake_pictext, read_shard
+from conftest import fake_pictext, read_shard, read_shards
 
 
 def test_the_split_is_by_style_and_class(tmp_path):
     pictext = fake_pictext(tmp_path / "pictext")
     counts = split_shards(pictext, tmp_path / "out")
-    train = {}
-    for i in range(TRAIN_SHARDS):
-        train.update(read_shard(tmp_path / "out" / f"google-train-{i}.tar"))
+    train = read_shards(tmp_path / "out" / f"google-train-{i}.tar" for i in range(TRAIN_SHARDS))
     test = read_shard(tmp_path / "out" / "google-test.tar")
     openmoji = read_shard(tmp_path / "out" / "openmoji-test.tar")
     labels = {

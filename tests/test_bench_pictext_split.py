@@ -6,7 +6,7 @@ import json
 
 from bench.pictext_split import HELD_OUT, TRAIN_SHARDS, _class_position, split
 
-from conftest import PICTEXT_CLASSES, fake_pictext, read_shard
+from conftest import PICTEXT_CLASSES, fake_pictext, read_shard, read_shards
 
 
 def _held_out_in(style: str) -> set[str]:
@@ -17,9 +17,7 @@ def _held_out_in(style: str) -> set[str]:
 def test_each_validation_emoji_was_trained_in_the_other_style_only(tmp_path):
     pictext = fake_pictext(tmp_path / "pictext")
     counts = split(pictext, tmp_path / "out")
-    train = {}
-    for i in range(TRAIN_SHARDS):
-        train.update(read_shard(tmp_path / "out" / f"train-{i}.tar"))
+    train = read_shards(tmp_path / "out" / f"train-{i}.tar" for i in range(TRAIN_SHARDS))
     val = read_shard(tmp_path / "out" / "val.tar")
     trained = {(m.get("style"), m.get("label")) for m in (json.loads(s["json"]) for s in train.values())}
     held = {style: _held_out_in(style) for style in HELD_OUT}
