@@ -23,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "clipforge.load() takes: a release name, a clipforge or checkpoint directory, an OpenAI .pt file.",
     )
     tasks = p.add_subparsers(dest="eval_command", required=True)
+    for add in (_add_zeroshot, _add_linear_probe, _add_retrieval, _add_suite, _add_sweep):
+        add(tasks)
 
+
+def _add_zeroshot(tasks: argparse._SubParsersAction) -> None:
     z = tasks.add_parser("zeroshot", help="zero-shot classification with prompt ensembling")
     _model_args(z)
     _data_args(z, "--data", "the labelled evaluation set: tar shards, a class-folder tree or a CSV")
@@ -39,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     z.add_argument("--confusion", default="", metavar="OUT.csv", help="also write the confusion matrix")
     z.set_defaults(func=run, kind="zeroshot")
 
+
+def _add_linear_probe(tasks: argparse._SubParsersAction) -> None:
     lp = tasks.add_parser("linear-probe", help="logistic regression on frozen image features (paper A.3)")
     _model_args(lp)
     _data_args(lp, "--train", "the labelled training set")
@@ -54,11 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lp.add_argument("--seed", type=int, default=0)
     lp.set_defaults(func=run, kind="linear-probe")
 
+
+def _add_retrieval(tasks: argparse._SubParsersAction) -> None:
     r = tasks.add_parser("retrieval", help="image<->text retrieval: Recall@1/5/10, mean and median rank")
     _model_args(r)
     _data_args(r, "--data", "images with captions: tar shards, a folder with .txt files or a CSV")
     r.set_defaults(func=run, kind="retrieval")
 
+
+def _add_suite(tasks: argparse._SubParsersAction) -> None:
     s = tasks.add_parser("suite", help="run the tasks of a suite file, with cached features and a report")
     s.add_argument("suite", help="a TOML suite, e.g. configs/eval-pictext.toml")
     s.add_argument("--model", default="", help="overrides the suite's model")
@@ -70,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=run_suite_command)
 
+
+def _add_sweep(tasks: argparse._SubParsersAction) -> None:
     from clipforge.finetune import sweep  # WiSE-FT: its own flags and command live with it
 
     w = tasks.add_parser(
