@@ -22,7 +22,7 @@ import pytest
 
 from clipforge.apps.embed import EmbedConfig, embed
 from clipforge.apps.index import build_index
-from conftest import COLOURS, colour_png
+from sample_files import COLOURS, colour_png
 
 CHROMIUM = os.environ.get("CLIPFORGE_CHROMIUM", "/usr/bin/chromium")
 START_TIMEOUT = 90  # seconds for the server to answer /healthz (a loaded 2-core machine imports slowly)

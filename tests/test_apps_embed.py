@@ -18,7 +18,8 @@ import clipforge
 from clipforge.apps import embeddings as store
 from clipforge.apps.embed import EmbedConfig, embed
 from clipforge.cli import main
-from conftest import huge_png, random_images, rounding_budget, rounding_rtol, truncated_jpeg, write_shard
+from sample_files import huge_png, random_images, truncated_jpeg, write_shard
+from tolerances import rounding_budget, rounding_rtol
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),  # the bomb PNG

@@ -13,7 +13,7 @@ import torch
 from clipforge.apps import embeddings as store
 from clipforge.apps.index import SearchIndex, add_to_index, build_index, recall_at_k
 from clipforge.cli import main
-from conftest import rounding_rtol
+from tolerances import rounding_rtol
 
 faiss = pytest.importorskip("faiss")
 

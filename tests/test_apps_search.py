@@ -16,7 +16,8 @@ from clipforge.apps import embeddings as store
 from clipforge.apps.embed import EmbedConfig, embed
 from clipforge.apps.index import SearchIndex, add_to_index, build_index
 from clipforge.cli import main
-from conftest import random_images, rounding_budget, rounding_rtol, write_shard
+from sample_files import random_images, write_shard
+from tolerances import rounding_budget, rounding_rtol
 
 pytest.importorskip("faiss")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,8 @@ from clipforge.apps.serve.limits import Limits
 from clipforge.cli import main as cli_main
 from clipforge.evaluate.zeroshot import build_classifier, zeroshot_logits
 from clipforge.transforms import EvalTransform
-from conftest import colour_png, huge_png, random_images, rounding_budget, rounding_rtol, truncated_jpeg
+from sample_files import colour_png, huge_png, random_images, truncated_jpeg
+from tolerances import rounding_budget, rounding_rtol
 
 # ----------------------------------------------------------------------------------------------------
 # A model, a search index with the SearchIndex interface, and the direct computations to compare with

@@ -6,8 +6,8 @@ import json
 
 from bench.finetune import TRAIN_SHARDS, _is_train_class, split_shards
 
-from conftest import PICTEXT_CLASSES as CLASSES
-from conftest import fake_pictext, read_shard, read_shards
+from sample_files import PICTEXT_CLASSES as CLASSES
+from sample_files import fake_pictext, read_shard, read_shards
 
 
 def test_the_split_is_by_style_and_class(tmp_path):

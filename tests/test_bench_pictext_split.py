@@ -6,7 +6,7 @@ import json
 
 from bench.pictext_split import HELD_OUT, TRAIN_SHARDS, _class_position, split
 
-from conftest import PICTEXT_CLASSES, fake_pictext, read_shard, read_shards
+from sample_files import PICTEXT_CLASSES, fake_pictext, read_shard, read_shards
 
 
 def _held_out_in(style: str) -> set[str]:

@@ -20,7 +20,7 @@ from clipforge.convert.hf_config import config_to_hf
 from clipforge.models import CLIPConfig, TextConfig, VisionConfig, create_model, for_inference
 from clipforge.tokenizer import get_tokenizer
 from clipforge.transforms import image_transform
-from conftest import rounding_budget, rounding_tolerance
+from tolerances import rounding_budget, rounding_tolerance
 
 transformers = pytest.importorskip("transformers")  # the `interop` extra
 
@@ -63,7 +63,7 @@ def hf_features(hf_model, images: torch.Tensor, ids: torch.Tensor) -> tuple[torc
 
 
 def assert_features_match(model, hf_model, images: torch.Tensor, ids: torch.Tensor, hf_ids=None) -> None:
-    """Within fp32 rounding of each tower's chain of products (conftest.rounding_budget): the two
+    """Within fp32 rounding of each tower's chain of products (tolerances.rounding_budget): the two
     implementations run the same operations and differ only in the order their sums are taken."""
     with torch.no_grad():
         ours = model.encode_image(images), model.encode_text(ids)

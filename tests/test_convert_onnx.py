@@ -21,7 +21,8 @@ from clipforge.convert.onnx import METADATA_FILE, OnnxExportError, export_onnx
 from clipforge.models import CLIPConfig, TextConfig, VisionConfig, for_inference
 from clipforge.models.int8 import Int8Linear
 from clipforge.transforms import OPENAI_MEAN, OPENAI_STD
-from conftest import randomized_model, rounding_budget, rounding_rtol, rounding_tolerance
+from conftest import randomized_model
+from tolerances import rounding_budget, rounding_rtol, rounding_tolerance
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

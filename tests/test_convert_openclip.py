@@ -27,7 +27,8 @@ from clipforge.convert import convert, openclip
 from clipforge.models import CLIPConfig, create_model
 from clipforge.models.config import MODEL_CONFIGS, PAPER_MODELS
 from clipforge.transforms import OPENAI_MEAN
-from conftest import randomized_model, rounding_budget, rounding_tolerance
+from conftest import randomized_model
+from tolerances import rounding_budget, rounding_tolerance
 
 REPO = Path(__file__).resolve().parent.parent
 OPENCLIP_NAMES = [n for n in MODEL_CONFIGS if n.startswith(openclip.PREFIX)]

@@ -18,7 +18,8 @@ from clipforge.data.pipeline import EpochOrder
 from clipforge.data.samples import derive_seed
 from clipforge.evaluate.prompts import load_prompts
 from clipforge.train.validate import check_data
-from conftest import COLOURS, captions_of, labelled_samples, stub_tokenizer, write_shard
+from conftest import captions_of, stub_tokenizer
+from sample_files import COLOURS, labelled_samples, write_shard
 
 NAMES = list(COLOURS)  # red, green, blue: each square's dominant channel is its class index
 TEMPLATES = ["a photo of a {}.", "a {} square", "itap of the {}"]

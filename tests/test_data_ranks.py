@@ -19,7 +19,8 @@ import clipforge.data.webdataset as webdataset
 from clipforge.data import DataConfig, build_train_loader
 from clipforge.data.pipeline import Batch, BatchMaker, BatchStream
 from clipforge.data.streams import rank_streams, split, worker_streams
-from conftest import captions_of, random_image, stub_tokenizer, write_tar
+from conftest import captions_of, stub_tokenizer
+from sample_files import random_image, write_tar
 
 SIZE = 16
 WORLDS = (1, 2, 4)

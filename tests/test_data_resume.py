@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from clipforge.data import DataConfig, build_train_loader
-from conftest import captions_of, stub_tokenizer, write_tar
+from conftest import captions_of, stub_tokenizer
+from sample_files import write_tar
 
 SIZE = 16
 

@@ -16,7 +16,8 @@ from clipforge.data import SKIP_REASONS, DataConfig, TrainData, build_train_load
 from clipforge.data.samples import choose_caption
 from clipforge.data.webdataset import count_samples, shuffle_buffer
 from clipforge.transforms.loading import ImageTooLarge, decode_jpeg_rgb, load_image
-from conftest import captions_of, huge_png, stub_tokenizer, write_tar
+from conftest import captions_of, stub_tokenizer
+from sample_files import huge_png, write_tar
 
 SIZE = 16  # model input side in these tests
 CORRUPT = b"\xff\xd8\xff\xe0 this is not a JPEG"

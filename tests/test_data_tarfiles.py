@@ -10,7 +10,7 @@ import pytest
 
 from clipforge.data import tarfiles
 from clipforge.data.tarfiles import tar_files
-from conftest import write_tar
+from sample_files import write_tar
 
 NAMES = [
     "000001.jpg",

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from clipforge.data.webdataset import ShardSource
-from conftest import write_shard
+from sample_files import write_shard
 
 
 @pytest.mark.parametrize("opener", ["local", "pipe"])

@@ -43,7 +43,8 @@ from clipforge.models import CLIP, get_config
 from clipforge.train.loss import clamp_logit_scale, sharded_contrastive_loss, sharded_sigmoid_loss
 from clipforge.train.optim import make_optimizer
 from clipforge.train.steps import parameters_finite
-from conftest import free_port, rounding_budget, rounding_rtol, run_processes
+from conftest import free_port, run_processes
+from tolerances import rounding_budget, rounding_rtol
 
 WORLD, BATCH, CONTEXT, VOCAB = 2, 8, 16, 600
 STEPS, LR, EPS, WEIGHT_DECAY, MAX_NORM = 3, 1e-3, 1e-3, 0.2, 1.0

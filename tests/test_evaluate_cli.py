@@ -13,14 +13,8 @@ from PIL import Image
 import clipforge
 from clipforge.cli import main
 from clipforge.models import quantize_int8
-from conftest import (
-    huge_png,
-    labelled_samples,
-    read_shard,
-    truncated_jpeg,
-    write_shard,
-    write_suite,
-)  # with conftest's `eval_files`: a saved tiny model and labelled shards
+from conftest import write_suite
+from sample_files import huge_png, labelled_samples, read_shard, truncated_jpeg, write_shard
 
 COMMON = ["--workers", "0", "--batch-size", "4", "--no-progress"]
 

@@ -14,7 +14,7 @@ from clipforge.evaluate.features import image_features
 from clipforge.evaluate.images import ImageDataset
 from clipforge.models import create_model
 from clipforge.transforms import EvalTransform
-from conftest import colour_png, huge_png, labelled_samples, truncated_jpeg, write_shard
+from sample_files import colour_png, huge_png, labelled_samples, truncated_jpeg, write_shard
 
 
 def test_shard_labels_map_to_class_indices_and_unknown_or_imageless_samples_are_skipped(tmp_path):

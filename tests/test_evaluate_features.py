@@ -5,7 +5,8 @@ import torch
 from clipforge.evaluate.datasets import DataSpec, read_labelled
 from clipforge.evaluate.features import capture_pre_projection, image_encoder, image_features
 from clipforge.models import create_model
-from conftest import labelled_samples, rounding_tolerance, write_shard
+from sample_files import labelled_samples, write_shard
+from tolerances import rounding_tolerance
 
 
 def test_vit_pre_projection_features_are_the_embedding_before_proj():
@@ -16,7 +17,7 @@ def test_vit_pre_projection_features_are_the_embedding_before_proj():
         pre = image_encoder(model, "pre-projection")(images)
         embed = image_encoder(model, "embed")(images)
     assert pre.shape == (3, model.config.vision.width)
-    # One product of `width` terms, maybe summed in another order (conftest.rounding_rtol).
+    # One product of `width` terms, maybe summed in another order (tolerances.rounding_rtol).
     atol = rounding_tolerance(embed, depth=1, terms=model.config.vision.width)
     torch.testing.assert_close(pre @ model.visual.proj, embed, atol=atol, rtol=0)
 

@@ -9,8 +9,8 @@ import torch
 from clipforge.evaluate.prompts import available_prompts, load_prompts, load_templates
 from clipforge.evaluate.zeroshot import build_classifier, build_classifier_for_names
 from clipforge.models import create_model
-from conftest import rounding_budget, rounding_tolerance
 from conftest import word_tokenizer as stub_tokenizer
+from tolerances import rounding_budget, rounding_tolerance
 
 
 def test_builtin_sets_are_openais_published_prompts():
@@ -77,7 +77,7 @@ def test_classifier_for_names_averages_every_name_and_template():
         )
     mean = (feats / feats.norm(dim=-1, keepdim=True)).mean(dim=0)
     expected = mean / mean.norm()
-    # Other batches through the text tower, then two normalizations and a mean (conftest.rounding_rtol).
+    # Other batches through the text tower, then two normalizations and a mean (tolerances.rounding_rtol).
     depth, terms = rounding_budget(model.config, "text")
     atol = rounding_tolerance(expected, depth + 3, terms)
     torch.testing.assert_close(weights[:, 1], expected, atol=atol, rtol=0)

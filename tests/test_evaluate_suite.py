@@ -13,7 +13,8 @@ from PIL import Image
 import clipforge
 from clipforge.evaluate import load_suite, run_suite
 from clipforge.models import CLIP
-from conftest import read_shard, write_suite
+from conftest import write_suite
+from sample_files import read_shard
 
 
 def direct_zeroshot(files: dict) -> tuple[dict[str, float], int]:

@@ -3,8 +3,8 @@ import torch
 
 from clipforge.evaluate.zeroshot import accuracy_report, build_classifier, fill_template, zeroshot_logits
 from clipforge.models import create_model
-from conftest import rounding_budget, rounding_tolerance
 from conftest import word_tokenizer as stub_tokenizer
+from tolerances import rounding_budget, rounding_tolerance
 
 
 def test_classifier_is_normalized_mean_of_normalized_template_embeddings():
@@ -19,7 +19,7 @@ def test_classifier_is_normalized_mean_of_normalized_template_embeddings():
         feats = feats / feats.norm(dim=-1, keepdim=True)
         mean = feats.mean(dim=0)
         expected = mean / mean.norm()
-        # Other batches through the text tower, two normalizations and a mean (conftest.rounding_rtol).
+        # Other batches through the text tower, two normalizations and a mean (tolerances.rounding_rtol).
         depth, terms = rounding_budget(model.config, "text")
         atol = rounding_tolerance(expected, depth + 3, terms)
         torch.testing.assert_close(weights[:, c], expected, atol=atol, rtol=0)

@@ -19,7 +19,7 @@ from clipforge.evaluate.tasks import Evaluator
 from clipforge.finetune.classify import build_optimizer, finetune, prepare, train_classifier
 from clipforge.finetune.config import FinetuneConfig
 from clipforge.finetune.head import ImageClassifier, head_accuracy, load_head, zeroshot_head
-from conftest import labelled_samples, truncated_jpeg, write_shard
+from sample_files import labelled_samples, truncated_jpeg, write_shard
 
 STEPS = 12
 

@@ -15,7 +15,7 @@ import clipforge
 import clipforge.checkpoints
 from clipforge.cli import main
 from clipforge.finetune.sweep import _model_id, parse_alphas
-from conftest import COLOURS, colour_png, read_shard, write_shard  # with conftest's `eval_files`
+from sample_files import COLOURS, colour_png, read_shard, write_shard  # with conftest's `eval_files`
 
 COMMON = ["--workers", "0", "--batch-size", "8", "--no-progress"]
 NAMES = list(COLOURS)

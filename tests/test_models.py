@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from clipforge.models import CLIPConfig, TextConfig, VisionConfig, available_models, create_model, get_config
-from conftest import rounding_budget, rounding_rtol, rounding_tolerance
+from tolerances import rounding_budget, rounding_rtol, rounding_tolerance
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
@@ -89,7 +89,7 @@ def test_bad_configs_are_refused_with_reason():
         VisionConfig("mlp", 64, 8, 1, heads=1)
 
 
-# Rounding, not bugs (conftest.rounding_rtol): features may differ by eps * sqrt(terms) * depth of their
+# Rounding, not bugs (tolerances.rounding_rtol): features may differ by eps * sqrt(terms) * depth of their
 # largest magnitude, for their tower's longest chain of products and widest sum: the ResNet fixture's image
 # tower, 22 products and 576 terms, allows 6.3e-5; the text towers 2.1e-5. (Measured: below 1e-6, and
 # OpenAI's own fp32 outputs are 6e-7 from an fp64 run.) Logits are logit_scale * cos(image, text): each
@@ -177,7 +177,7 @@ def test_text_pools_at_eot_and_ignores_what_follows():
     with torch.no_grad():
         a, b = model.encode_text(tokens)
         short = model.encode_text(tokens[:1, :4])  # a shorter context gives the same features
-    # Other rows and another sequence length: the same function, up to rounding (conftest.rounding_rtol).
+    # Other rows and another sequence length: the same function, up to rounding (tolerances.rounding_rtol).
     atol = rounding_tolerance(a, *rounding_budget(model.config, "text"))
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
     torch.testing.assert_close(short[0], a, atol=atol, rtol=0)

@@ -11,7 +11,8 @@ from torch import nn
 from clipforge.models import create_model, for_inference, get_config
 from clipforge.models.inference import fold_batchnorm, fold_quick_gelu
 from clipforge.models.layers import QuickGELU
-from conftest import randomized_model, rounding_budget, rounding_tolerance
+from conftest import randomized_model
+from tolerances import rounding_budget, rounding_tolerance
 
 
 def _inputs(model: nn.Module, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +29,7 @@ def test_inference_copy_computes_the_same_function(name: str) -> None:
     with torch.no_grad():
         for encode, inputs in (("encode_image", images), ("encode_text", tokens)):
             ours, reference = getattr(fast, encode)(inputs), getattr(model, encode)(inputs)
-            # Folded weights and other kernels: the same function up to rounding (conftest.rounding_rtol).
+            # Folded weights and other kernels: the same function up to rounding (tolerances.rounding_rtol).
             budget = rounding_budget(model.config, "image" if encode == "encode_image" else "text")
             torch.testing.assert_close(ours, reference, rtol=0, atol=rounding_tolerance(reference, *budget))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched

@@ -18,7 +18,8 @@ from clipforge.train.config import TrainConfig
 from clipforge.train.evaluation import eval_set, make_evaluator
 from clipforge.train.loop import train
 from clipforge.transforms import EvalTransform
-from conftest import huge_png, labelled_samples, stub_tokenizer, tiny_config, truncated_jpeg, write_shard
+from conftest import stub_tokenizer, tiny_config
+from sample_files import huge_png, labelled_samples, truncated_jpeg, write_shard
 
 
 def config(*args: str) -> TrainConfig:

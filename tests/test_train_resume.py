@@ -26,7 +26,8 @@ from clipforge.data.pipeline import TrainData
 from clipforge.train.checkpointing import list_checkpoints
 from clipforge.train.loop import Trainer, train
 from clipforge.train.metrics import MetricsLog, truncate_metrics
-from conftest import stub_tokenizer, tiny_config, write_shard
+from conftest import stub_tokenizer, tiny_config
+from sample_files import write_shard
 
 STOP_AFTER = 6  # the checkpoint is at step 4 (tiny_config: checkpoint_every 4, 8 steps)
 

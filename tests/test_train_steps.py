@@ -29,7 +29,8 @@ from clipforge.train.checkpointing import list_checkpoints
 from clipforge.train.loop import build_model, build_optimizer, train
 from clipforge.train.loss import BatchLoss
 from clipforge.train.steps import StepParts, gradient_cache_step, train_step
-from conftest import rounding_budget, rounding_rtol, tiny_config
+from conftest import tiny_config
+from tolerances import rounding_budget, rounding_rtol
 
 BATCH, CONTEXT, VOCAB = 16, 16, 600
 LR = 1e-4

@@ -15,7 +15,8 @@ from clipforge.configs import ConfigError, load_toml, toml_value
 from clipforge.train import validate as validate_module
 from clipforge.train.config import OptimConfig, ScheduleConfig, TrainConfig
 from clipforge.train.loop import train
-from conftest import MICRO_RECIPE, colour_png, labelled_samples, tiny_config, write_shard
+from conftest import MICRO_RECIPE, tiny_config
+from sample_files import colour_png, labelled_samples, write_shard
 
 
 @pytest.fixture(scope="module")

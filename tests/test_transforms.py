@@ -27,7 +27,7 @@ from clipforge.transforms import (
     sample_crop_box,
     to_tensor,
 )
-from conftest import random_image, random_images
+from sample_files import random_image, random_images
 
 FIXTURE = Path(__file__).parent / "fixtures" / "transforms" / "openai_transform.npz"
 SRC = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "transforms"

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from clipforge.transforms import EvalTransform, TrainTransform, load_image, preprocess_batch
 from clipforge.transforms.loading import decode_jpeg_rgb
-from conftest import random_images
+from sample_files import random_images
 
 
 def _jpeg(size: tuple[int, int], mode: str = "RGB") -> bytes:
