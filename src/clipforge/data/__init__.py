@@ -14,8 +14,9 @@ skip counting and the resume conditions.
 
 from clipforge.data import synthetic
 from clipforge.data.config import SOURCES, DataConfig
-from clipforge.data.pipeline import Batch, TrainData, build_source, build_train_loader
+from clipforge.data.pipeline import Batch, TrainData, build_train_loader
 from clipforge.data.samples import SKIP_REASONS, RawSample
+from clipforge.data.sources import build_source
 from clipforge.data.synthetic import ZeroShotSet, synthetic_zeroshot_set
 
 __all__ = [

@@ -29,7 +29,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,8 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipforge.data.config import DataConfig
-from clipforge.data.folder import FolderSource
-from clipforge.data.labels import ClassCaptions, class_captions
+from clipforge.data.labels import ClassCaptions
 from clipforge.data.samples import (
     MISSING_IMAGE,
     SKIP_REASONS,
@@ -49,9 +47,8 @@ from clipforge.data.samples import (
     image_skip,
     read_caption,
 )
+from clipforge.data.sources import Source, build_source, source_labels
 from clipforge.data.streams import split, stream_chunks, worker_streams
-from clipforge.data.synthetic import SyntheticSource
-from clipforge.data.table import TableSource
 from clipforge.data.webdataset import ShardSource
 from clipforge.transforms import EvalTransform, TrainTransform
 
@@ -59,16 +56,6 @@ log = logging.getLogger(__name__)
 
 Tokenizer = Callable[..., torch.Tensor]  # tok(list_of_str, context_length=77, truncate=True) -> [N, ctx]
 Transform = EvalTransform | TrainTransform
-
-
-class MapSource(Protocol):
-    """A source with random access: synthetic, csv, folder."""
-
-    def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> RawSample: ...
-
-
-Source = MapSource | ShardSource
 
 
 @dataclass
@@ -362,48 +349,6 @@ def build_train_loader(
         source_labels(cfg, source),
     )
     return TrainData(cfg, source, make, seed, rank, world_size)
-
-
-def source_labels(cfg: DataConfig, source: Source) -> ClassCaptions | None:
-    """With ``data.captions = "templates"``: the class names and templates that caption the samples."""
-    if cfg.captions != "templates":
-        return None
-    folders = source.class_folders if isinstance(source, FolderSource) else ()
-    return class_captions(cfg.classes, cfg.templates, folders)
-
-
-def build_source(cfg: DataConfig, image_size: int, seed: int, world_size: int = 1) -> Source:
-    """The source ``cfg.source`` names, its files checked (webdataset: enough shards for its streams)."""
-    labelled = cfg.captions == "templates"  # the sources hand over labels instead of captions
-    if cfg.source == "synthetic":
-        return SyntheticSource(image_size, cfg.synthetic_samples, cfg.synthetic_seed, cfg.synthetic_holdout)
-    if cfg.source == "csv":
-        label_column = cfg.label_key if labelled else ""
-        return TableSource(
-            cfg.path, cfg.csv_image_column, cfg.csv_caption_column, cfg.separator(), label_column
-        )
-    if cfg.source == "folder":
-        return FolderSource(cfg.path, cfg.image_suffixes(), cfg.caption_extension, labelled)
-    if cfg.source == "webdataset":
-        source = ShardSource(
-            cfg.path,
-            cfg.image_suffixes(),
-            cfg.caption_extension,
-            cfg.shuffle_buffer,
-            seed,
-            cfg.resampled,
-            cfg.label_key if labelled else "",
-        )
-        streams = cfg.streams(world_size)
-        if len(source.urls) < streams and not cfg.resampled:  # a resampled stream may draw any shard
-            how = "data.shard_streams" if cfg.shard_streams else f"world size {world_size} x data.workers"
-            raise ValueError(
-                f"data.path names {len(source.urls)} shard(s), fewer than its {streams} shard streams "
-                f"({how}={cfg.shard_streams or cfg.workers}): each stream reads whole shards, so use "
-                "fewer streams (or workers) or more shards"
-            )
-        return source
-    raise ValueError(f"unknown data.source {cfg.source!r}")
 
 
 def _transform(cfg: DataConfig, image_size: int, seed: int) -> Transform:

@@ -22,7 +22,7 @@ from clipforge.checkpoints import native
 from clipforge.configs import ConfigError, invalid
 from clipforge.data.config import DataConfig
 from clipforge.data.labels import first_shard_labels
-from clipforge.data.pipeline import Source, build_source, source_labels
+from clipforge.data.sources import Source, build_source, source_labels
 from clipforge.data.webdataset import ShardSource, count_samples, is_local, local_path
 from clipforge.distributed.fsdp import METADATA_FILE
 from clipforge.distributed.world import World
