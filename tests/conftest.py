@@ -21,15 +21,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import clipforge
 from clipforge.configs import apply_overrides
 from clipforge.models import CLIPConfig
 from clipforge.tokenizer import find_openai_bpe
 from clipforge.train.config import TrainConfig
-from sample_files import COLOURS, labelled_samples, write_shard
+from sample_files import COLOURS, colour_png, labelled_samples, write_shard
+from serving import FakeIndex
 
 # ----------------------------------------------------------------------------------------------------
 # OpenAI's vocabulary: skip without it locally, fail without it in CI
@@ -277,3 +280,31 @@ def file_server(tmp_path) -> Iterator[tuple[str, Path, http.server.ThreadingHTTP
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The serve API over a saved ViT-Micro and a search index with known vectors
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(eval_files):
+    model, _, tokenizer = clipforge.load(eval_files["model"])
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((10, model.config.embed_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    colours = ["red", "green", "blue"]
+    images = [colour_png(colours[i % 3], size=200, shade=i) for i in range(9)] + [b"not an image"]
+    return model, tokenizer, FakeIndex(vectors, images)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from fastapi.testclient import TestClient  # the apps extra: only the serve tests need it
+
+    from clipforge.apps.serve.app import create_app
+
+    model, tokenizer, index = served
+    app = create_app(model, tokenizer, index=index, name="tiny")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
