@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from clipforge.train.ema import EMA_DIR
@@ -43,10 +44,13 @@ VARIANTS: dict[str, list[str]] = {
     "temperature-fixed": ["--loss.learn_temperature", "false"],  # 1/0.07 throughout
     "temperature-0.03": ["--loss.init_temperature", "0.03"],  # start sharper (scale 33)
     "ema-0.99": ["--optim.ema", "0.99"],  # evaluate a moving average of the weights
+    "bf16": ["--run.precision", "bf16"],  # autocast: fast on CPUs with native bf16 (avx512_bf16, AMX)
 }
 
 # OpenCLIP's training log line: "Train Epoch: 0 [ 1408/76800 (2%)] ... Loss: 4.7907 (4.8872)".
-OPENCLIP_LINE = re.compile(r"Train Epoch: \d+ \[\s*(?P<samples>\d+)/\d+.*?\bLoss: (?P<loss>[\d.]+)")
+OPENCLIP_LINE = re.compile(
+    r"Train Epoch: (?P<epoch>\d+) \[\s*(?P<samples>\d+)/(?P<per_epoch>\d+).*?\bLoss: (?P<loss>[\d.]+)"
+)
 
 HEADLINE = {  # column -> (task name in configs/eval-pictext.toml, metric)
     "zero-shot top-1": ("emoji zero-shot", "top1"),
@@ -74,24 +78,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def loss_curve(path: Path) -> tuple[list[float], list[float]]:
-    """(steps, losses) from a clipforge metrics.jsonl, or from an OpenCLIP out.log."""
+    """(samples seen, losses) from a clipforge metrics.jsonl, or from an OpenCLIP out.log."""
     if path.suffix == ".jsonl":
+        batch = tomllib.loads((path.parent / "config.toml").read_text())["data"]["batch_size"]
         lines = [json.loads(line) for line in path.read_text().splitlines()]
-        points = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+        points = [(r["step"] * batch, r["loss"]) for r in lines if "loss" in r]
     else:
-        found = [OPENCLIP_LINE.search(line) for line in path.read_text().splitlines()]
-        batch = int(args_value(path, "batch_size"))
-        points = [(int(m["samples"]) / batch, float(m["loss"])) for m in found if m]
+        found = [m for line in path.read_text().splitlines() if (m := OPENCLIP_LINE.search(line))]
+        # The sample count restarts with each epoch.
+        seen = [int(m["epoch"]) * int(m["per_epoch"]) + int(m["samples"]) for m in found]
+        points = list(zip(seen, (float(m["loss"]) for m in found), strict=True))
     return [p[0] for p in points], [p[1] for p in points]
-
-
-def args_value(log: Path, name: str) -> str:
-    """A value from the params.txt OpenCLIP writes beside its out.log."""
-    for line in (log.parent / "params.txt").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    raise KeyError(f"{name} not in {log.parent / 'params.txt'}")
 
 
 def plot_curves(curves: list[str], path: Path) -> None:
@@ -104,9 +101,9 @@ def plot_curves(curves: list[str], path: Path) -> None:
     for spec in curves:
         label, _, file = spec.partition("=")
         ax.plot(*loss_curve(Path(file)), label=label, lw=1.2)
-    ax.set_xlabel("optimizer step (batch 128)")
+    ax.set_xlabel("samples seen")
     ax.set_ylabel("training loss (contrastive, per batch)")
-    ax.set_title("pictext: training loss at the same budget")
+    ax.set_title("pictext: training loss")
     ax.legend()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
