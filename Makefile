@@ -16,7 +16,7 @@ ifneq ($(wildcard $(SHARED_BPE)),)
 export CLIPFORGE_BPE_PATH ?= $(SHARED_BPE)
 endif
 
-.PHONY: setup setup-floors setup-ref test lint demo pictext finetune-pictext browser
+.PHONY: setup setup-floors setup-ref test lint demo pictext pictext-recipe finetune-pictext browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -72,6 +72,12 @@ demo: setup
 pictext: setup
 	$(BIN)/clipforge train configs/pictext-tiny.toml
 	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-tiny/step-00000600
+
+# The recipe at OpenCLIP's reference wall-clock (docs/learning.md): bf16 on a CPU with native bf16.
+pictext-recipe: setup
+	$(BIN)/clipforge train configs/pictext-recipe.toml
+	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-recipe/step-00001020 \
+		--out runs/pictext-recipe/eval
 
 # The fine-tuning recipe (docs/fine-tuning.md): the pictext model (trained first when missing), fine-tuned
 # on the Google emoji style three ways, each merged back at several WiSE-FT weights and evaluated.

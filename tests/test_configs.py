@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,24 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 def test_from_dict_builds_nested_sections():
     cfg = from_dict(Outer, {"inner": {"lr": 2, "name": "y"}, "steps": 3})
     assert cfg.inner.lr == 2.0 and isinstance(cfg.inner.lr, float) and cfg.inner.name == "y"
+
+
+def _flat(cfg: object, prefix: str = "") -> dict:
+    out = {}
+    for name, value in vars(cfg).items():
+        if hasattr(value, "__dataclass_fields__"):
+            out |= _flat(value, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def test_the_pictext_recipe_is_the_reference_in_bf16_with_the_steps_its_wall_clock_holds():
+    # docs/learning.md compares the two as "the reference's settings, with bf16 and more steps".
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    reference = _flat(load_toml(TrainConfig, configs / "pictext-reference.toml"))
+    recipe = _flat(load_toml(TrainConfig, configs / "pictext-recipe.toml"))
+    changed = {key for key in reference if reference[key] != recipe[key]}
+    assert changed == {"schedule.steps", "run.precision", "run.out_dir", "run.checkpoint_every"}
+    assert (reference["run.precision"], recipe["run.precision"]) == ("fp32", "bf16")
+    assert recipe["schedule.steps"] > reference["schedule.steps"]
