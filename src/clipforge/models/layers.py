@@ -78,10 +78,14 @@ EXPLICIT_ATTENTION_MAX_TOKENS = 100
 
 def uses_explicit_attention(q: torch.Tensor) -> bool:
     """Whether `attend` computes q's attention as explicit matmuls rather than through SDPA."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS
+    return (
+        q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= EXPLICIT_ATTENTION_MAX_TOKENS
+    )
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, H, T, D) inputs, the softmax in fp32 or wider."""
     scores = torch.matmul(q, k.transpose(-2, -1))
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (q.shape[-1] ** -0.5)
