@@ -13,134 +13,40 @@ continued from it are compared exactly: the same process count runs the same ari
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 import clipforge
 from clipforge.checkpoints.native import save_native
-from clipforge.checkpoints.safe_unpickle import CheckpointError, UnsafeCheckpointError
-from clipforge.distributed.fsdp import (
-    METADATA_FILE,
-    full_model,
-    full_state_dict,
-    load_sharded,
-    save_sharded,
-    shard_model,
-)
+from clipforge.distributed.fsdp import full_model, full_state_dict, load_sharded, save_sharded, shard_model
 from clipforge.distributed.world import World, init_process_group
-from clipforge.models import CLIP, get_config
-from clipforge.train.loss import clamp_logit_scale, sharded_contrastive_loss, sharded_sigmoid_loss
-from clipforge.train.optim import make_optimizer
 from clipforge.train.steps import parameters_finite
 from conftest import free_port, run_processes
+from fsdp_tiny import (
+    BATCH,
+    CASES,
+    CONTEXT,
+    EPS,
+    LR,
+    MAX_NORM,
+    RESUME,
+    STEPS,
+    WORLD,
+    Case,
+    batch,
+    build,
+    moments,
+    optimizer_for,
+    parameters,
+    train,
+)
 from tolerances import rounding_budget, rounding_rtol
-
-WORLD, BATCH, CONTEXT, VOCAB = 2, 8, 16, 600
-STEPS, LR, EPS, WEIGHT_DECAY, MAX_NORM = 3, 1e-3, 1e-3, 0.2, 1.0
-
-
-@dataclass(frozen=True)
-class Case:
-    model: str
-    loss: str  # "contrastive" or "sigmoid"
-    max_log_scale: float = math.inf  # the temperature clamp; below the initial log(1/0.07) it binds
-    checkpointing: bool = False  # gradient checkpointing: blocks recomputed in the backward
-    whole_batch: bool = True  # also compare with 1 process on the whole batch (not with BatchNorm)
-
-    @property
-    def name(self) -> str:
-        return f"{self.model}-{self.loss}" + ("-checkpointed" if self.checkpointing else "")
-
-    def config(self):
-        config = get_config(self.model)
-        text = dataclasses.replace(config.text, vocab_size=VOCAB)
-        return dataclasses.replace(config, text=text, logit_bias=self.loss == "sigmoid")
-
-
-CASES = [
-    Case("ViT-Micro-16-32", "contrastive", max_log_scale=2.6),
-    Case("ViT-Micro-16-32", "sigmoid"),
-    Case("ViT-Micro-16-32", "contrastive", checkpointing=True),
-    # BatchNorm normalizes each process's rows on their own, as under DDP: no whole-batch twin.
-    Case("RN-Tiny-64", "contrastive", whole_batch=False),
-]
-RESUME = CASES[0]
-
-
-def build(case: Case, seed: int = 0) -> CLIP:
-    torch.manual_seed(seed)
-    model = CLIP(case.config())
-    model.set_grad_checkpointing(case.checkpointing)
-    return model
-
-
-def optimizer_for(model: CLIP) -> torch.optim.Optimizer:
-    return make_optimizer(model, LR, WEIGHT_DECAY, (0.9, 0.98), EPS)  # the trainer's fused AdamW
-
-
-def batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    size = case.config().vision.image_size
-    images = torch.randn(BATCH, 3, size, size, generator=g)
-    tokens = torch.randint(1, VOCAB - 1, (BATCH, CONTEXT), generator=g)
-    tokens[:, -1] = VOCAB - 1  # the end token, where the text tower reads its features
-    return images, tokens
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every process (collective for a DTensor)."""
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-
-
-def train(model, optimizer, case: Case, steps: range, rank: int, world: int, replicated: bool) -> list[dict]:
-    """`steps` optimizer steps on this process's rows of each global batch: encode, normalize, sharded
-    loss, backward, (replicas: average gradients, what DDP does), clip, step, clamp the temperature.
-    Returns per step the gradient norm and the clipped gradients the optimizer applied."""
-    records = []
-    for step in steps:
-        images, tokens = batch(case, step)
-        rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        image = F.normalize(model.encode_image(images[rows]), dim=-1)
-        text = F.normalize(model.encode_text(tokens[rows]), dim=-1)
-        if case.loss == "sigmoid":
-            loss = sharded_sigmoid_loss(image, text, model.logit_scale, model.logit_bias, rank, world)
-        else:
-            loss = sharded_contrastive_loss(image, text, model.logit_scale, rank, world)
-        loss.backward()
-        if replicated and world > 1:
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                    p.grad /= world
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item()
-        grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        assert parameters_finite(optimizer)
-        clamp_logit_scale(model.logit_scale, case.max_log_scale)
-        records.append({"grad_norm": norm, "grads": grads})
-    return records
-
-
-def parameters(model) -> dict[str, torch.Tensor]:
-    return {n: full(p) for n, p in model.named_parameters()}
-
-
-def moments(model, optimizer) -> dict[str, torch.Tensor]:
-    """AdamW's state by parameter name: step count, first and second moments (whole tensors)."""
-    names = {p: n for n, p in model.named_parameters()}
-    return {f"{names[p]}.{k}": full(v) for p, state in optimizer.state.items() for k, v in state.items()}
 
 
 def sharded_names(model) -> list[str]:
@@ -371,64 +277,3 @@ def test_rank0_writes_a_model_directory_that_clipforge_loads(runs):
     model, _, _ = clipforge.load(str(runs["out"] / "native"))
     for name, value in rank0["saved"]["params"].items():
         assert torch.equal(model.state_dict()[name], value), name
-
-
-# ---- refusals ----
-
-
-def test_shard_model_needs_a_process_group():
-    with pytest.raises(ValueError, match="needs a process group"):
-        shard_model(build(RESUME))
-
-
-def test_loading_refuses_a_missing_index_and_a_different_model(runs, tmp_path):
-    model = build(RESUME)
-    with pytest.raises(CheckpointError, match=r"no \.metadata"):
-        load_sharded(tmp_path, model, optimizer_for(model))
-    other = build(Case("ViT-Micro-16-32", "sigmoid"))  # has a logit_bias the checkpoint lacks
-    with pytest.raises(CheckpointError, match=f"{runs['out'] / 'w1'}.*logit_bias"):
-        load_sharded(runs["out"] / "w1", other, optimizer_for(other))
-
-
-def test_saving_refuses_a_non_empty_directory(tmp_path):
-    (tmp_path / "something").write_text("x")
-    model = build(RESUME)
-    with pytest.raises(CheckpointError, match="not empty"):
-        save_sharded(tmp_path, model, optimizer_for(model))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["something"]
-
-
-class Touch:
-    """Unpickled without restrictions, this creates `marker`: the stand-in for running code."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (self.marker.touch, ())
-
-
-def test_an_index_that_references_code_is_refused_before_running_it(runs, tmp_path):
-    directory = tmp_path / "ckpt"
-    directory.mkdir()
-    for f in (runs["out"] / "w1").iterdir():
-        (directory / f.name).write_bytes(f.read_bytes())
-    marker = tmp_path / "ran"
-    (directory / METADATA_FILE).write_bytes(pickle.dumps(Touch(marker)))
-    model = build(RESUME)
-    with pytest.raises(UnsafeCheckpointError, match="getattr"):
-        load_sharded(directory, model, optimizer_for(model))
-    assert not marker.exists()
-
-
-def test_a_value_that_references_code_is_refused_before_running_it(tmp_path):
-    marker = tmp_path / "ran"
-    model = build(RESUME)
-    optimizer = optimizer_for(model)
-    optimizer.param_groups[0]["note"] = Touch(marker)  # saved as a pickled value beside the tensors
-    save_sharded(tmp_path / "ckpt", model, optimizer)
-    assert not marker.exists()
-    optimizer.param_groups[0]["note"] = None
-    with pytest.raises(CheckpointError, match=r"param_groups\.0\.note"):
-        load_sharded(tmp_path / "ckpt", model, optimizer)
-    assert not marker.exists()
