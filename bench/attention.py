@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from bench import machine
+from bench.timing import interleave, seconds_per_call
 
 # (what, batch, heads, tokens, head width, causal)
 SHAPES = [
@@ -43,20 +43,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def _call(kind: str, q, k, v, causal: bool, train: bool) -> Callable[[], None]:
     from clipforge.models.layers import explicit_attention
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-    def explicit():
-        return explicit_attention(q, k, v, causal)
-
-    forward = sdpa if kind == "SDPA" else explicit
+    forward = {
+        "SDPA": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        "explicit": lambda: explicit_attention(q, k, v, causal),
+    }[kind]
 
     def call() -> None:
-        if train:
-            forward().float().sum().backward()
-        else:
-            with torch.no_grad():
-                forward()
+        with torch.set_grad_enabled(train):
+            out = forward()
+            if train:
+                out.float().sum().backward()
 
     return call
 
@@ -67,15 +63,10 @@ def milliseconds(shape: tuple, dtype: torch.dtype, train: bool, reps: int) -> di
     size = (batch, heads, tokens, width)
     q, k, v = (torch.randn(size, generator=g).to(dtype).requires_grad_(train) for _ in range(3))
     calls = {kind: _call(kind, q, k, v, causal, train) for kind in ("SDPA", "explicit")}
-    times: dict[str, list[float]] = {kind: [] for kind in calls}
     for call in calls.values():
-        call(), call()  # warm-up
-    for rep in range(reps):
-        for kind in list(calls)[rep % 2 :] + list(calls)[: rep % 2]:  # who goes first alternates
-            start = time.perf_counter()
-            calls[kind]()
-            times[kind].append(1000 * (time.perf_counter() - start))
-    return {kind: statistics.median(t) for kind, t in times.items()}
+        seconds_per_call(call, 2, "cpu")  # warm-up
+    timed = {kind: (lambda c=call: 1000 * seconds_per_call(c, 1, "cpu")) for kind, call in calls.items()}
+    return {kind: statistics.median(t) for kind, t in interleave(timed, reps).items()}
 
 
 def table(reps: int) -> str:

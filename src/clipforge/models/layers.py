@@ -72,7 +72,7 @@ def make_activation(name: str) -> nn.Module:
 # Below this many tokens, attention in bf16 on a CPU is faster as explicit matmuls than through SDPA: the
 # CPU flash kernel's bf16 backward took 2.5-5x the explicit one's time at 50-100 tokens (ViT-B/32's 50, the
 # text's 77, small ViTs' 65), and its forward ~2x; from ~130 tokens on SDPA wins, and it needs no T x T
-# scores in memory. In fp32 the two are within 10% at these lengths, so fp32 keeps SDPA everywhere.
+# scores in memory. In fp32 SDPA is as fast or faster in training at these lengths, so fp32 keeps SDPA.
 EXPLICIT_ATTENTION_MAX_TOKENS = 100
 
 
