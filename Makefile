@@ -73,10 +73,10 @@ pictext: setup
 	$(BIN)/clipforge train configs/pictext-tiny.toml
 	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-tiny/step-00000600
 
-# The recipe at OpenCLIP's reference wall-clock (docs/learning.md): bf16 on a CPU with native bf16.
+# The recipe at OpenCLIP's reference wall-clock (docs/learning.md): bf16, batch 256, on a CPU with native bf16.
 pictext-recipe: setup
 	$(BIN)/clipforge train configs/pictext-recipe.toml
-	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-recipe/step-00001200 \
+	$(BIN)/clipforge eval suite configs/eval-pictext.toml --model runs/pictext-recipe/step-00001000 \
 		--out runs/pictext-recipe/eval
 
 # The fine-tuning recipe (docs/fine-tuning.md): the pictext model (trained first when missing), fine-tuned
