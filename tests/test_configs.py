@@ -96,8 +96,4 @@ def test_the_pictext_recipe_is_the_reference_in_bf16_at_batch_256_with_the_steps
     }  # fmt: skip
     assert (reference["run.precision"], recipe["run.precision"]) == ("fp32", "bf16")
     assert (reference["data.batch_size"], recipe["data.batch_size"]) == (128, 256)
-    seen = {
-        name: cfg["schedule.steps"] * cfg["data.batch_size"]
-        for name, cfg in [("ref", reference), ("ours", recipe)]
-    }
-    assert seen["ours"] > seen["ref"]
+    assert recipe["schedule.steps"] * 256 > reference["schedule.steps"] * 128  # more samples seen
